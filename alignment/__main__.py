@@ -1,0 +1,5 @@
+import sys
+
+from alignment.cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""The `alignment` command: run, validate, generate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+from alignment.data.loading import DataError
+from alignment.recipes.validate import RecipeError
+from alignment.stages.base import StageInputError, to_plain
+
+
+def _stage_list(text: str | None) -> list[str] | None:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from alignment.recipes.load import load_recipe
+    from alignment.runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    run_recipe(recipe, only=_stage_list(args.stages), force=args.force)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from alignment.recipes.load import load_recipe
+    from alignment.runner import make_stage, plan
+
+    recipe = load_recipe(args.recipe, args.set)
+    print(yaml.safe_dump(to_plain(recipe), sort_keys=False), end="")
+    print("# plan")
+    for index, spec in enumerate(plan(recipe, _stage_list(args.stages)), start=1):
+        stage = make_stage(recipe, spec)
+        after = f" (after {', '.join(spec.depends_on())})" if spec.depends_on() else ""
+        state = "complete, would be skipped" if stage.is_complete() else "to run"
+        print(f"#  {index}. {spec.name}: {spec.type}{after} → {stage.stage_dir} [{state}]")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from alignment.evaluation.generation import generate_answers
+    from alignment.models.loading import load_trained_policy
+    from alignment.recipes.schema import GenerationEvalConfig
+
+    model, tokenizer = load_trained_policy(args.stage_dir)
+    config = GenerationEvalConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=8
+    )
+    prompts = [[{"role": "user", "content": prompt}] for prompt in args.prompt]
+    for prompt, answer in zip(args.prompt, generate_answers(model, tokenizer, prompts, config), strict=True):
+        print(answer if len(args.prompt) == 1 else f"{prompt}\t{answer}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignment", description="SFT → reward model → PPO/DPO on one 4-bit base.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("recipe", help="recipe YAML file")
+        sub.add_argument("--stages", help="comma-separated stage names to run (default: all)")
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe key, e.g. stages.sft.args.learning_rate=1e-4 (repeatable)",
+        )
+        return sub
+
+    run = recipe_command("run", "run a recipe's stages in order")
+    run.add_argument("--force", action="store_true", help="re-run stages that are already complete")
+    run.set_defaults(func=cmd_run)
+    recipe_command("validate", "check a recipe and print it resolved, with the plan").set_defaults(func=cmd_validate)
+
+    generate = commands.add_parser("generate", help="answer prompts with a trained stage")
+    generate.add_argument("stage_dir", help="a stage output folder, e.g. runs/toy-sft/sft")
+    generate.add_argument("--prompt", action="append", required=True, help="a user prompt (repeatable)")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RecipeError, DataError, StageInputError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

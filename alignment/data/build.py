@@ -1,0 +1,184 @@
+"""From a stage's `data` spec to the splits it trains and evaluates on.
+
+For each dataset: load → recognise the format → hold out evaluation rows → weight the training rows →
+convert every row (drawing its instruction template) → check its token length. Bad rows stop the
+run with the file, row and field, or are dropped and counted when the recipe says `on_bad_rows: drop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset, concatenate_datasets
+
+from alignment.data.formats import FORMATS, Format, RowContext, RowError, detect_format, family_templates
+from alignment.data.loading import DataError, raw_rows
+from alignment.data.templates import draw_template, resolve_template_set
+from alignment.recipes.schema import DatasetSpec, DataSpec
+
+logger = logging.getLogger(__name__)
+
+TRAIN, EVAL, EVAL_HELD_OUT = "train", "eval", "eval_heldout_templates"
+
+
+@dataclass
+class StageData:
+    splits: dict[str, Dataset]
+    report: list[dict] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> int:
+        return sum(sum(entry["dropped"].values()) for entry in self.report)
+
+    def metrics(self) -> dict[str, Any]:
+        counts = {f"data/{name}_rows": len(split) for name, split in self.splits.items()}
+        counts["data/dropped_rows"] = self.dropped
+        return counts
+
+
+def example_token_length(example: dict, tokenizer: Any) -> int:
+    """Tokens of the longest sequence this example becomes (prompt plus its longest answer)."""
+    answers = [example[key] for key in ("completion", "chosen", "rejected") if key in example] or [[]]
+    return max(
+        len(tokenizer.apply_chat_template(example["prompt"] + answer, tokenize=True, return_dict=True)["input_ids"])
+        for answer in answers
+    )
+
+
+def _resolve_format(spec: DatasetSpec, columns: list[str]) -> Format:
+    if spec.format is not None:
+        if spec.format not in FORMATS:
+            raise DataError(f"{spec.label}: unknown format '{spec.format}'; known formats: {', '.join(FORMATS)}")
+        fmt = FORMATS[spec.format]
+    else:
+        fmt = detect_format(columns)
+        if fmt is None:
+            raise DataError(
+                f"{spec.label}: cannot tell the format from the columns {columns}; set 'format' "
+                f"(one of {', '.join(FORMATS)}) and map other column names with 'columns'"
+            )
+    if spec.toy is not None and fmt.name != "toy":
+        raise DataError(f"toy dataset: format must be 'toy', got '{fmt.name}'")
+    if (spec.templates or spec.held_out_templates) and not fmt.uses_templates:
+        raise DataError(f"{spec.label}: instruction templates apply to the alpaca and toy formats, not '{fmt.name}'")
+    return fmt
+
+
+def _weighted(indices: list[int], weight: float, max_rows: int | None, rng: random.Random) -> list[int]:
+    whole, fraction = int(weight), weight - int(weight)
+    chosen = indices * whole + rng.sample(indices, round(fraction * len(indices)))
+    return chosen[:max_rows] if max_rows is not None else chosen
+
+
+def _held_out_count(eval_split: float, total: int) -> int:
+    count = round(eval_split * total) if eval_split < 1 else int(eval_split)
+    return min(count, total - 1) if total > 1 else 0
+
+
+class _Converter:
+    """Converts one dataset's rows to examples of one kind, applying the bad-row policy."""
+
+    def __init__(self, spec: DatasetSpec, fmt: Format, kind: str, data: DataSpec, seed: int, tokenizer, max_length):
+        self.spec, self.fmt, self.kind, self.data, self.seed = spec, fmt, kind, data, seed
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.recipe_templates = resolve_template_set(spec.templates)
+        self.dropped: Counter[str] = Counter()
+
+    def _template(self, row: dict, index: int, held_out: bool) -> str | None:
+        templates = family_templates(self.fmt, row) or self.recipe_templates
+        if templates is None:
+            return None
+        return draw_template(templates, self.spec.held_out_templates, index, self.seed, use_held_out=held_out)
+
+    def _fail(self, index: int, field_name: str, message: str) -> None:
+        if self.data.on_bad_rows == "drop":
+            self.dropped[f"{field_name}: {message}"] += 1
+            return
+        raise DataError(
+            f"{self.spec.label}: row {index}: field '{field_name}' {message} "
+            "(rows count from 0; set data.on_bad_rows: drop to skip bad rows)"
+        )
+
+    def convert(self, rows: list[dict], indices: list[int], held_out_templates: bool = False) -> list[dict]:
+        examples = []
+        for index in indices:
+            row = rows[index]
+            if not isinstance(row, dict):
+                self._fail(index, "<row>", f"is not a mapping but {type(row).__name__}")
+                continue
+            ctx = RowContext(
+                template=self._template(row, index, held_out_templates),
+                system=self.spec.system,
+                checker=self.spec.checker or self.fmt.default_checker,
+                seed=self.seed,
+            )
+            try:
+                example = self.fmt.convert(self.kind, row, ctx)
+            except RowError as error:
+                self._fail(index, error.field, error.message)
+                continue
+            if self.tokenizer is not None and self.max_length is not None:
+                length = example_token_length(example, self.tokenizer)
+                if length > self.max_length:
+                    self._fail(index, "<tokens>", f"is over-long: {length} tokens > max_length {self.max_length}")
+                    continue
+            example["source"] = self.spec.label
+            examples.append(example)
+        return examples
+
+
+def build_stage_data(
+    data: DataSpec,
+    kind: str,
+    seed: int,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+) -> StageData:
+    """Loads, checks and splits a stage's data into examples of `kind` (sft, prompt or preference)."""
+    seed = data.seed if data.seed is not None else seed
+    max_length = data.max_length or max_length
+    parts: dict[str, list[dict]] = {TRAIN: [], EVAL: [], EVAL_HELD_OUT: []}
+    report = []
+    for role, specs in (("train", data.datasets), ("eval", data.eval_datasets)):
+        for spec in specs:
+            rows, columns = raw_rows(spec, seed)
+            fmt = _resolve_format(spec, columns)
+            converter = _Converter(spec, fmt, kind, data, seed, tokenizer, max_length)
+            indices = list(range(len(rows)))
+            rng = random.Random(f"{seed}:{spec.label}")
+            if role == "train":
+                rng.shuffle(indices)
+                held = _held_out_count(data.eval_split, len(indices))
+                eval_indices, train_indices = sorted(indices[:held]), indices[held:]
+                train_indices = _weighted(train_indices, spec.weight, spec.max_rows, rng)
+            else:
+                eval_indices, train_indices = indices[: spec.max_rows], []
+            counts = {name: len(parts[name]) for name in parts}
+            parts[TRAIN] += converter.convert(rows, train_indices)
+            parts[EVAL] += converter.convert(rows, eval_indices)
+            if spec.held_out_templates:
+                parts[EVAL_HELD_OUT] += converter.convert(rows, eval_indices, held_out_templates=True)
+            entry = {
+                "source": spec.label,
+                "format": fmt.name,
+                "rows": len(rows),
+                **{name: len(parts[name]) - counts[name] for name in parts},
+                "dropped": dict(converter.dropped),
+            }
+            report.append(entry)
+            if converter.dropped:
+                logger.warning(
+                    "%s: dropped %d bad rows: %s", spec.label, sum(converter.dropped.values()), entry["dropped"]
+                )
+    if not parts[TRAIN] and data.datasets:
+        raise DataError(f"no training examples left from {[spec.label for spec in data.datasets]}")
+    splits = {name: Dataset.from_list(examples) for name, examples in parts.items() if examples}
+    return StageData(splits=splits, report=report)
+
+
+def concatenate(datasets: list[Dataset]) -> Dataset:
+    return concatenate_datasets(datasets) if len(datasets) > 1 else datasets[0]

@@ -1,0 +1,290 @@
+"""Row formats: how a dataset's rows read, checked and turned into the examples stages train on.
+
+Every format turns a raw row into one of three example kinds, all conversational so that the
+recipe's chat template renders them the same way in every stage:
+- `sft`: {prompt: [messages], completion: [assistant message], reference, checker, group}
+- `prompt`: {prompt: [messages], reference, checker, group} (PPO prompts, generation evaluation)
+- `preference`: {prompt: [messages], chosen: [message], rejected: [message]} (reward model, DPO)
+`reference` is the gold answer when there is one, `checker` names the function that compares a
+generated answer against it, and `group` labels rows for per-group accuracy (a toy task family).
+A format checks a row before converting it and raises RowError naming the field at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignment.data.templates import render_instruction
+from alignment.toy.tasks import FAMILIES, wrong_answer
+
+KINDS = ("sft", "prompt", "preference")
+
+
+class RowError(ValueError):
+    """A problem with one row; `field` names the canonical field at fault."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"field '{field}': {message}")
+
+
+@dataclass
+class RowContext:
+    """What a conversion needs besides the row: the template drawn for it and the system prompt."""
+
+    template: str | None = None
+    system: str | None = None
+    checker: str | None = None
+    seed: int = 0
+
+
+def require_text(row: dict, name: str, allow_empty: bool = False) -> str:
+    if name not in row or row[name] is None:
+        raise RowError(name, "is missing")
+    value = row[name]
+    if not isinstance(value, str):
+        raise RowError(name, f"expected a string, got {type(value).__name__} {value!r:.60}")
+    if not allow_empty and not value.strip():
+        raise RowError(name, "is empty")
+    return value
+
+
+def optional_text(row: dict, name: str) -> str:
+    value = row.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError(name, f"expected a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def require_messages(row: dict, name: str, role_key: str = "role", content_key: str = "content") -> list[dict]:
+    """Checks a list of chat messages and returns it with the standard `role`/`content` keys."""
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    roles.update({"bot": "assistant", "model": "assistant"})
+    if name not in row or row[name] is None:
+        raise RowError(name, "is missing")
+    messages = row[name]
+    if not isinstance(messages, list) or not messages:
+        raise RowError(name, f"expected a non-empty list of messages, got {type(messages).__name__}")
+    result = []
+    for index, message in enumerate(messages):
+        where = f"{name}[{index}]"
+        if not isinstance(message, dict):
+            raise RowError(where, f"expected a message mapping, got {type(message).__name__}")
+        role, content = message.get(role_key), message.get(content_key)
+        if role not in roles:
+            raise RowError(f"{where}.{role_key}", f"unknown role {role!r}; expected one of {sorted(roles)}")
+        if not isinstance(content, str):
+            raise RowError(f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
+        if not content.strip():
+            raise RowError(f"{where}.{content_key}", "is empty")
+        result.append({"role": roles[role], "content": content})
+    return result
+
+
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def split_last_answer(messages: list[dict], field_name: str) -> tuple[list[dict], list[dict]]:
+    """Splits a conversation into its context and its last assistant turn (the trained completion)."""
+    if messages[-1]["role"] != "assistant":
+        raise RowError(field_name, "the last message must be the assistant's answer")
+    if not any(message["role"] == "user" for message in messages[:-1]):
+        raise RowError(field_name, "needs a user message before the answer")
+    return messages[:-1], messages[-1:]
+
+
+def user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def assistant(content: str) -> list[dict]:
+    return [{"role": "assistant", "content": content}]
+
+
+def sft_example(prompt: list[dict], answer: str, ctx: RowContext, group: str = "") -> dict:
+    return {
+        "prompt": prompt,
+        "completion": assistant(answer),
+        "reference": answer,
+        "checker": ctx.checker or "",
+        "group": group,
+    }
+
+
+def prompt_example(prompt: list[dict], reference: str, ctx: RowContext, group: str = "") -> dict:
+    return {"prompt": prompt, "reference": reference, "checker": ctx.checker or "", "group": group}
+
+
+@dataclass
+class Format:
+    """A row format: its canonical fields, how to recognise it, and its converters by example kind."""
+
+    name: str
+    fields: tuple[str, ...]
+    converters: dict[str, Callable[[dict, RowContext], dict]]
+    uses_templates: bool = False
+    default_checker: str | None = None
+    optional_fields: tuple[str, ...] = field(default_factory=tuple)
+
+    def convert(self, kind: str, row: dict, ctx: RowContext) -> dict:
+        if kind not in self.converters:
+            raise ValueError(f"format '{self.name}' gives no {kind} examples; it gives: {', '.join(self.converters)}")
+        return self.converters[kind](row, ctx)
+
+
+# --- Alpaca: instruction, optional input, output ----------------------------------------------
+
+
+def _alpaca_prompt(row: dict, ctx: RowContext) -> list[dict]:
+    instruction = require_text(row, "instruction")
+    text_input = optional_text(row, "input")
+    return with_system(user(render_instruction(ctx.template, instruction=instruction, input=text_input)), ctx.system)
+
+
+def _alpaca_sft(row: dict, ctx: RowContext) -> dict:
+    prompt = _alpaca_prompt(row, ctx)
+    return sft_example(prompt, require_text(row, "output"), ctx)
+
+
+def _alpaca_prompt_only(row: dict, ctx: RowContext) -> dict:
+    return prompt_example(_alpaca_prompt(row, ctx), optional_text(row, "output"), ctx)
+
+
+# --- Chat messages ----------------------------------------------------------------------------
+
+
+def _messages_sft(row: dict, ctx: RowContext, name: str = "messages", **keys: str) -> dict:
+    context, answer = split_last_answer(require_messages(row, name, **keys), name)
+    return sft_example(with_system(context, ctx.system), answer[0]["content"], ctx)
+
+
+def _messages_prompt(row: dict, ctx: RowContext, name: str = "messages", **keys: str) -> dict:
+    messages = require_messages(row, name, **keys)
+    reference = ""
+    if messages[-1]["role"] == "assistant":
+        messages, reference = messages[:-1], messages[-1]["content"]
+    if not any(message["role"] == "user" for message in messages):
+        raise RowError(name, "needs a user message")
+    return prompt_example(with_system(messages, ctx.system), reference, ctx)
+
+
+def _sharegpt_sft(row: dict, ctx: RowContext) -> dict:
+    return _messages_sft(row, ctx, "conversations", role_key="from", content_key="value")
+
+
+def _sharegpt_prompt(row: dict, ctx: RowContext) -> dict:
+    return _messages_prompt(row, ctx, "conversations", role_key="from", content_key="value")
+
+
+# --- Prompt / completion (plain text or chat messages) ----------------------------------------
+
+
+def _as_messages(row: dict, name: str, role: str) -> list[dict]:
+    value = row.get(name)
+    if isinstance(value, list):
+        return require_messages(row, name)
+    return [{"role": role, "content": require_text(row, name)}]
+
+
+def _prompt_completion_sft(row: dict, ctx: RowContext) -> dict:
+    prompt = with_system(_as_messages(row, "prompt", "user"), ctx.system)
+    completion = _as_messages(row, "completion", "assistant")
+    if completion[-1]["role"] != "assistant":
+        raise RowError("completion", "must end with an assistant message")
+    return sft_example(prompt, completion[-1]["content"], ctx)
+
+
+def _prompt_completion_prompt(row: dict, ctx: RowContext) -> dict:
+    prompt = with_system(_as_messages(row, "prompt", "user"), ctx.system)
+    reference = row.get("completion")
+    return prompt_example(prompt, reference if isinstance(reference, str) else "", ctx)
+
+
+# --- The embedded toy task suite --------------------------------------------------------------
+
+
+def _toy_fields(row: dict) -> tuple[str, str]:
+    family = require_text(row, "family")
+    if family not in FAMILIES:
+        raise RowError("family", f"unknown toy task family {family!r}; valid: {sorted(FAMILIES)}")
+    return family, require_text(row, "input")
+
+
+def _toy_prompt(row: dict, ctx: RowContext) -> tuple[list[dict], str, str]:
+    family, x = _toy_fields(row)
+    template = ctx.template if ctx.template is not None else FAMILIES[family].templates[0]
+    return with_system(user(template.format(x=x)), ctx.system), FAMILIES[family].solve(x), family
+
+
+def _toy_sft(row: dict, ctx: RowContext) -> dict:
+    prompt, answer, family = _toy_prompt(row, ctx)
+    return sft_example(prompt, answer, ctx, group=family)
+
+
+def _toy_prompt_only(row: dict, ctx: RowContext) -> dict:
+    prompt, answer, family = _toy_prompt(row, ctx)
+    return prompt_example(prompt, answer, ctx, group=family)
+
+
+def _toy_preference(row: dict, ctx: RowContext) -> dict:
+    prompt, answer, family = _toy_prompt(row, ctx)
+    return {
+        "prompt": prompt,
+        "chosen": assistant(answer),
+        "rejected": assistant(wrong_answer(family, row["input"], ctx.seed)),
+    }
+
+
+FORMATS: dict[str, Format] = {
+    fmt.name: fmt
+    for fmt in [
+        Format(
+            "alpaca",
+            ("instruction", "output"),
+            {"sft": _alpaca_sft, "prompt": _alpaca_prompt_only},
+            uses_templates=True,
+            optional_fields=("input",),
+        ),
+        Format("messages", ("messages",), {"sft": _messages_sft, "prompt": _messages_prompt}),
+        Format("sharegpt", ("conversations",), {"sft": _sharegpt_sft, "prompt": _sharegpt_prompt}),
+        Format(
+            "prompt_completion",
+            ("prompt", "completion"),
+            {"sft": _prompt_completion_sft, "prompt": _prompt_completion_prompt},
+        ),
+        Format(
+            "toy",
+            ("family", "input"),
+            {"sft": _toy_sft, "prompt": _toy_prompt_only, "preference": _toy_preference},
+            uses_templates=True,
+            default_checker="exact",
+        ),
+    ]
+}
+
+
+def detect_format(columns: list[str]) -> Format | None:
+    """The first format whose canonical fields are all present (most specific formats first)."""
+    for fmt in sorted(FORMATS.values(), key=lambda f: -len(f.fields)):
+        if all(name in columns for name in fmt.fields):
+            return fmt
+    return None
+
+
+def register_format(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def family_templates(fmt: Format, row: dict[str, Any]) -> tuple[str, ...] | None:
+    """Templates that belong to the row itself (toy families); None when the recipe's set applies."""
+    if fmt.name == "toy" and row.get("family") in FAMILIES:
+        return FAMILIES[row["family"]].templates
+    return None

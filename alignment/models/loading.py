@@ -1,0 +1,169 @@
+"""Loading the shared base model and tokenizer, and putting named LoRA adapters on it.
+
+Every stage loads the base here, once per process, with the recipe's quantization. Roles (policy,
+reference, reward, value) are named PEFT adapters on that one base: `attach_adapter` adds one,
+trainable or frozen, from a config or from an earlier stage's saved adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from alignment.models.chat_templates import apply_chat_template_choice
+from alignment.recipes.schema import LoraSettings, ModelConfig
+from alignment.toy.base import TOY_MODEL_NAME, ensure_toy_base
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(config: ModelConfig) -> str:
+    return str(ensure_toy_base()) if config.name_or_path == TOY_MODEL_NAME else config.name_or_path
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(config: ModelConfig, chat_template: str) -> PreTrainedTokenizerBase:
+    """The base's tokenizer with a pad token and the recipe's chat template set."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(config), revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    apply_chat_template_choice(tokenizer, chat_template)
+    if tokenizer.pad_token is None:
+        # Many base models ship no pad token; padding positions are masked, so any token works, but the
+        # unknown token is preferred so that a real end-of-sequence is never confused with padding.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(config: ModelConfig) -> BitsAndBytesConfig | None:
+    quant = config.quantization
+    if quant.mode == "none":
+        return None
+    if quant.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(config.dtype),
+    )
+
+
+def device_map() -> dict[str, int | str] | None:
+    """Each process puts its copy of the base on its own accelerator (accelerate's local process index)."""
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return None
+
+
+def load_base_model(config: ModelConfig, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """The base model, quantized as the recipe says, ready for adapters (k-bit preparation done)."""
+    kwargs = {}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(config),
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        dtype=torch_dtype(config.dtype),
+        quantization_config=quantization_config(config),
+        device_map=device_map(),
+        **kwargs,
+    )
+    if config.quantization.mode != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model.config.use_cache = not gradient_checkpointing
+    return model
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        bias=settings.bias,
+        modules_to_save=settings.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapter(
+    model: PreTrainedModel | PeftModel,
+    name: str,
+    settings: LoraSettings | None = None,
+    from_path: str | Path | None = None,
+    trainable: bool = True,
+) -> PeftModel:
+    """Adds the named adapter to the one base: new (from `settings`) or loaded from a saved stage.
+
+    Returns the PeftModel that holds every adapter. A frozen adapter has requires_grad off on all its
+    weights; PEFT's `set_adapter` would flip them back on, so callers switch roles with
+    `use_adapter` below, which leaves requires_grad alone.
+    """
+    if from_path is not None:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(from_path), adapter_name=name, is_trainable=trainable)
+        else:
+            model = PeftModel.from_pretrained(model, str(from_path), adapter_name=name, is_trainable=trainable)
+    else:
+        if settings is None:
+            raise ValueError(f"adapter '{name}': give LoRA settings or a saved adapter to load")
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, lora_config(settings))
+        else:
+            model = get_peft_model(model, lora_config(settings), adapter_name=name)
+    for parameter_name, parameter in model.named_parameters():
+        if f".{name}." in parameter_name:
+            parameter.requires_grad_(trainable)
+    return model
+
+
+def use_adapter(model: PeftModel, name: str) -> None:
+    """Makes `name` the active adapter without touching which weights are trainable."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.base_model.set_adapter(name)
+    for parameter_name, parameter in model.named_parameters():
+        parameter.requires_grad_(parameter_name in trainable)
+
+
+def load_stage_recipe(stage_dir: str | Path):
+    """The resolved recipe a stage saved beside its adapter."""
+    from alignment.recipes.load import load_recipe
+
+    path = Path(stage_dir) / "recipe.yaml"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{stage_dir} is not a stage output folder (no recipe.yaml); point at runs/<run>/<stage>"
+        )
+    return load_recipe(path)
+
+
+def load_trained_policy(stage_dir: str | Path) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """A trained stage's adapter on its base, with its saved tokenizer, ready to generate."""
+    recipe = load_stage_recipe(stage_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))
+    base = load_base_model(recipe.model)
+    model = attach_adapter(base, "default", from_path=stage_dir, trainable=False)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,159 @@
+"""The recipe format: one YAML file describes a whole run.
+
+Each dataclass documents its keys once; `alignment validate` and the tests check every shipped
+recipe against them. Stage-specific keys live on the stage's own spec class (see `alignment.stages`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from alignment.recipes.validate import RecipeError
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes quantization of the shared base. 4-bit NF4 with double quantization is QLoRA's."""
+
+    mode: Literal["4bit", "8bit", "none"] = "4bit"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: DType = "auto"  # auto: bfloat16 on a GPU that supports it, else float32
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str  # hub id, local folder, or `toy` for the embedded tiny model
+    revision: str | None = None
+    dtype: DType = "auto"
+    attn_implementation: str | None = None  # eager, sdpa, flash_attention_2, ...
+    trust_remote_code: bool = False
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise RecipeError("r", f"must be a positive integer, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RecipeError("dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrackingConfig:
+    """Weights & Biases. `mode: auto` goes online with an API key and offline without one."""
+
+    project: str = "alignment"
+    entity: str | None = None
+    group: str | None = None  # defaults to the recipe's name
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ToySource:
+    """Rows of the embedded synthetic task suite (see `alignment.toy`)."""
+
+    rows: int = 2000
+    families: list[str] | None = None
+    seed: int | None = None  # defaults to the recipe's seed
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of a stage: where it is, how its rows read, and how much of it to use."""
+
+    path: str | None = None  # local file or folder (JSON, JSONL, .gz, Parquet, CSV) or a hub id
+    toy: ToySource | None = None
+    name: str | None = None  # hub configuration name
+    split: str = "train"
+    format: str | None = None  # alpaca, messages, prompt_completion, sharegpt, ... (detected when absent)
+    columns: dict[str, str] = field(default_factory=dict)  # canonical field -> column in this dataset
+    weight: float = 1.0  # fraction of rows to take (above 1: repeated)
+    max_rows: int | None = None
+    system: str | None = None  # system prompt put before each conversation
+    templates: list[str] | str | None = None  # instruction templates, or a built-in set name (`flan`)
+    held_out_templates: int = 0  # the last N templates are used only for evaluation
+    checker: str | None = None  # exact-answer checker for generated answers: built-in name or module:function
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.toy is None):
+            raise RecipeError("", "a dataset needs exactly one of 'path' or 'toy'")
+        if self.weight <= 0:
+            raise RecipeError("weight", f"must be positive, got {self.weight}")
+        if self.held_out_templates < 0:
+            raise RecipeError("held_out_templates", "must be zero or positive")
+
+    @property
+    def label(self) -> str:
+        return self.path if self.path is not None else "toy"
+
+
+@dataclass
+class DataSpec:
+    datasets: list[DatasetSpec]
+    eval_datasets: list[DatasetSpec] = field(default_factory=list)
+    eval_split: float = 0.0  # below 1: fraction of each dataset held out; 1 or more: a row count
+    on_bad_rows: Literal["error", "drop"] = "error"
+    max_length: int | None = None  # token limit per example; defaults to the stage's max_length arg
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise RecipeError("datasets", "needs at least one dataset")
+        if self.eval_split < 0:
+            raise RecipeError("eval_split", f"must be zero or positive, got {self.eval_split}")
+
+
+@dataclass
+class GenerationEvalConfig:
+    """Answers generated for held-out prompts after training, scored by the checker where there is one."""
+
+    num_prompts: int = 64
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+
+
+@dataclass
+class StageSpec:
+    """Keys every stage has; a stage type adds its own by subclassing (see `alignment.stages`)."""
+
+    name: str
+    type: str
+    data: DataSpec | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def depends_on(self) -> list[str]:
+        """Names of earlier stages whose outputs this stage reads."""
+        return []
+
+
+@dataclass
+class Recipe:
+    name: str
+    output_dir: str
+    model: ModelConfig
+    stages: list[Any]
+    seed: int = 42
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    chat_template: str = "tokenizer"  # the tokenizer's own, a built-in name (alpaca, chatml), or Jinja
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)

@@ -1,0 +1,65 @@
+"""Steps shared by the stages built on TRL trainers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers.trainer_utils import get_last_checkpoint
+
+from alignment.data.build import EVAL, EVAL_HELD_OUT, StageData
+from alignment.evaluation.generation import SAMPLE_COLUMNS, evaluate_generation
+from alignment.models.loading import torch_dtype
+from alignment.recipes.schema import GenerationEvalConfig, ModelConfig
+from alignment.tracking import Tracker
+
+
+def trainer_columns(split: Dataset | None, columns: list[str]) -> Dataset | None:
+    """Only the columns the trainer consumes; our bookkeeping columns stay out of TRL's way."""
+    if split is None:
+        return None
+    return split.select_columns([column for column in columns if column in split.column_names])
+
+
+def last_checkpoint(work_dir: Path) -> str | None:
+    """The newest checkpoint an interrupted run of the same config left, to resume from."""
+    return get_last_checkpoint(str(work_dir)) if Path(work_dir).is_dir() else None
+
+
+def match_adapter_dtype(model: torch.nn.Module, config: ModelConfig) -> None:
+    """Keeps LoRA weights in the recipe's compute dtype.
+
+    TRL casts adapters on quantized bases to bfloat16 (QLoRA's choice on GPUs); on a CPU, or when
+    the recipe asks for float32, that only loses precision and speed.
+    """
+    dtype = torch_dtype(config.quantization.compute_dtype)
+    if config.quantization.mode == "none" or dtype == torch.bfloat16:
+        return
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+
+
+def evaluate_splits(
+    trainer: Any,
+    data: StageData,
+    tokenizer: Any,
+    generation: GenerationEvalConfig,
+    tracker: Tracker,
+    trainer_fields: list[str],
+) -> dict[str, float]:
+    """Trainer evaluation (loss, token accuracy) and scored generation on each held-out split."""
+    metrics: dict[str, float] = {}
+    for name in (EVAL, EVAL_HELD_OUT):
+        split = data.splits.get(name)
+        if split is None:
+            continue
+        evaluated = trainer.evaluate(eval_dataset=trainer_columns(split, trainer_fields), metric_key_prefix=name)
+        metrics |= {key.replace(f"{name}_", f"{name}/", 1): value for key, value in evaluated.items()}
+        if generation.num_prompts > 0:
+            scores, rows = evaluate_generation(trainer.model, tokenizer, split, name, generation)
+            metrics |= scores
+            tracker.table(f"{name}/samples", SAMPLE_COLUMNS, rows)
+    return metrics

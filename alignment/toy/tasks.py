@@ -1,0 +1,201 @@
+"""The synthetic instruction task suite of the embedded default.
+
+Each family has an input generator, an exact solver (the gold answer and its checker), several
+instruction templates (so phrasings can be held out), and a corruption that gives a plausible
+wrong answer (for preference pairs and reward models). Everything is a pure function of a seed.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+LETTERS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class TaskFamily:
+    name: str
+    templates: tuple[str, ...]
+    make_input: Callable[[random.Random], str]
+    solve: Callable[[str], str]
+    corrupt: Callable[[str, str, random.Random], str]
+
+    def render(self, x: str, template_index: int) -> str:
+        return self.templates[template_index].format(x=x)
+
+
+def _word(rng: random.Random, low: int = 3, high: int = 6) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(low, high)))
+
+
+def _off_by_one(answer: str, rng: random.Random) -> str:
+    value = int(answer)
+    return str(value + 1 if value == 0 or rng.random() < 0.5 else value - 1)
+
+
+def _swap_two(answer: str, rng: random.Random) -> str:
+    chars = list(answer)
+    for _ in range(10):
+        i, j = rng.sample(range(len(chars)), 2)
+        if chars[i] != chars[j]:
+            chars[i], chars[j] = chars[j], chars[i]
+            return "".join(chars)
+    return answer + rng.choice(LETTERS)
+
+
+def _not_equal(corruption: Callable[[str, str, random.Random], str]):
+    """Wraps a corruption so that it never returns the right answer."""
+
+    def corrupt(x: str, answer: str, rng: random.Random) -> str:
+        wrong = corruption(x, answer, rng)
+        return wrong if wrong != answer else answer + rng.choice(LETTERS)
+
+    return corrupt
+
+
+def _partly_reversed(x: str, answer: str, rng: random.Random) -> str:
+    cut = rng.randint(1, len(x) - 1)
+    return x[:cut][::-1] + x[cut:] if rng.random() < 0.5 else x
+
+
+def _partly_upper(x: str, answer: str, rng: random.Random) -> str:
+    cut = rng.randint(1, len(x) - 1)
+    return x[:cut].upper() + x[cut:] if rng.random() < 0.5 else x.capitalize()
+
+
+def _count_a_input(rng: random.Random) -> str:
+    chars = [rng.choice("aab" + LETTERS[2:8]) for _ in range(rng.randint(3, 7))]
+    return "".join(chars)
+
+
+def _sum_input(rng: random.Random) -> str:
+    return f"{rng.randint(0, 49)}+{rng.randint(0, 49)}"
+
+
+FAMILIES: dict[str, TaskFamily] = {
+    family.name: family
+    for family in [
+        TaskFamily(
+            "reverse",
+            (
+                "Reverse the string {x}.",
+                "Write {x} backwards.",
+                "What is {x} spelled in reverse?",
+                "Flip the order of the letters in {x}.",
+            ),
+            _word,
+            lambda x: x[::-1],
+            _not_equal(_partly_reversed),
+        ),
+        TaskFamily(
+            "uppercase",
+            (
+                "Convert {x} to upper case.",
+                "Write {x} in capital letters.",
+                "Uppercase this: {x}",
+                "Make every letter of {x} a capital.",
+            ),
+            _word,
+            str.upper,
+            _not_equal(_partly_upper),
+        ),
+        TaskFamily(
+            "sort",
+            (
+                "Sort the letters of {x} alphabetically.",
+                "Put the letters in {x} in alphabetical order.",
+                "Alphabetize: {x}",
+                "Arrange the characters of {x} from a to z.",
+            ),
+            _word,
+            lambda x: "".join(sorted(x)),
+            _not_equal(lambda x, answer, rng: _swap_two(answer, rng)),
+        ),
+        TaskFamily(
+            "add",
+            (
+                "Compute {x}.",
+                "What is {x}?",
+                "Add the numbers: {x}",
+                "Give the sum {x}.",
+            ),
+            _sum_input,
+            lambda x: str(sum(int(part) for part in x.split("+"))),
+            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng)),
+        ),
+        TaskFamily(
+            "length",
+            (
+                "How many letters are in {x}?",
+                "Count the characters of {x}.",
+                "What is the length of {x}?",
+                "Give the number of letters in {x}.",
+            ),
+            lambda rng: _word(rng, 1, 9),
+            lambda x: str(len(x)),
+            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng)),
+        ),
+        TaskFamily(
+            "count_a",
+            (
+                "How many times does a appear in {x}?",
+                "Count the letter a in {x}.",
+                "Number of a's in {x}?",
+                "Tell me how often the letter a occurs in {x}.",
+            ),
+            _count_a_input,
+            lambda x: str(x.count("a")),
+            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng)),
+        ),
+        TaskFamily(
+            "repeat",
+            (
+                "Repeat {x} twice.",
+                "Write {x} two times in a row.",
+                "Say {x} and then {x} again, with no space.",
+                "Double the string {x}.",
+            ),
+            lambda rng: _word(rng, 2, 5),
+            lambda x: x + x,
+            _not_equal(lambda x, answer, rng: x if rng.random() < 0.5 else x + x[:-1]),
+        ),
+    ]
+}
+
+
+def toy_rows(
+    count: int, seed: int, families: list[str] | None = None, exclude: set[tuple[str, str]] | None = None
+) -> list[dict]:
+    """Draws `count` distinct (family, input) instances, round-robin over the families."""
+    names = families or list(FAMILIES)
+    unknown = [name for name in names if name not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown toy task families {unknown}; valid: {sorted(FAMILIES)}")
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    rows: list[dict] = []
+    attempts = 0
+    while len(rows) < count:
+        family = FAMILIES[names[len(rows) % len(names)]]
+        x = family.make_input(rng)
+        attempts += 1
+        if attempts > count * 50:
+            raise ValueError(f"cannot draw {count} distinct toy instances from families {names}")
+        if (family.name, x) in seen:
+            continue
+        seen.add((family.name, x))
+        rows.append({"family": family.name, "input": x, "answer": family.solve(x)})
+    return rows
+
+
+def check_answer(family: str, x: str, response: str) -> bool:
+    """Exact match of the response (surrounding whitespace ignored) against the family's solver."""
+    return response.strip() == FAMILIES[family].solve(x)
+
+
+def wrong_answer(family: str, x: str, seed: int) -> str:
+    fam = FAMILIES[family]
+    return fam.corrupt(x, fam.solve(x), random.Random(f"{seed}:{family}:{x}"))

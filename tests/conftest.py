@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests that read the real files under ../shared skip with a reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ALIGNMENT_SHARED", ROOT.parent / "shared"))
+STORIES = SHARED / "models" / "stories260k"
+ALPACA = SHARED / "data" / "alpaca" / "alpaca_5000.json"
+ALPACA_DEMO = SHARED / "data" / "llamafactory-demo" / "alpaca_en_demo.json"
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def need_shared(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"needs the shared file {path} (../shared is absent on this machine)")
+
+
+def minimal_recipe(**overrides) -> dict:
+    """A small valid recipe as plain data; tests change one thing at a time."""
+    recipe = {
+        "name": "t",
+        "output_dir": "runs/t",
+        "model": {"name_or_path": "toy"},
+        "stages": [{"name": "sft", "type": "sft", "data": {"datasets": [{"toy": {"rows": 50}}]}, "args": {}}],
+    }
+    recipe.update(overrides)
+    return recipe

@@ -1,0 +1,175 @@
+"""Recipe format: every shipped recipe validates, and each kind of mistake is named precisely."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, minimal_recipe
+
+from alignment.recipes.load import apply_override, load_recipe, validate_recipe
+from alignment.recipes.validate import RecipeError
+
+SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
+def test_every_shipped_recipe_validates(path: Path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name their local files relative to the project root
+    recipe = load_recipe(path)
+    assert recipe.stages, path
+    assert all(stage.name and stage.type for stage in recipe.stages)
+
+
+def test_shipped_recipes_cover_the_issue():
+    names = {str(p.relative_to(ROOT / "recipes")) for p in SHIPPED}
+    assert "toy/sft.yaml" in names
+    assert len([n for n in names if n.startswith("alpaca")]) >= 2
+
+
+def write(tmp_path: Path, data: dict | str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def error_of(tmp_path: Path, data: dict | str, *overrides: str) -> str:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path, data), overrides)
+    return str(caught.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    message = error_of(tmp_path, "name: x\nmodel: [unclosed\nstages: []\n")
+    assert "recipe.yaml" in message and "malformed YAML" in message and "line 3" in message
+
+
+def test_unknown_top_level_key_suggests_the_closest(tmp_path):
+    message = error_of(tmp_path, minimal_recipe(trackng={"project": "x"}))
+    assert "trackng" in message and "Did you mean 'tracking'?" in message
+
+
+def test_unknown_nested_key_names_its_path(tmp_path):
+    recipe = minimal_recipe()
+    recipe["model"]["quantisation"] = {"mode": "4bit"}
+    message = error_of(tmp_path, recipe)
+    assert "model.quantisation" in message and "Did you mean 'quantization'?" in message
+
+
+def test_wrong_type_names_path_and_expectation(tmp_path):
+    recipe = minimal_recipe()
+    recipe["lora"] = {"r": "sixteen"}
+    message = error_of(tmp_path, recipe)
+    assert "lora.r" in message and "expected an integer" in message and "sixteen" in message
+
+
+def test_wrong_choice_lists_the_choices(tmp_path):
+    recipe = minimal_recipe()
+    recipe["model"]["quantization"] = {"mode": "3bit"}
+    message = error_of(tmp_path, recipe)
+    assert "model.quantization.mode" in message and "'4bit'" in message and "'none'" in message
+
+
+def test_unknown_trainer_argument_lists_valid_ones_and_suggests(tmp_path):
+    recipe = minimal_recipe()
+    recipe["stages"][0]["args"] = {"learning_rat": 1e-4}
+    message = error_of(tmp_path, recipe)
+    assert "stages.sft.args.learning_rat" in message
+    assert "unknown SFTConfig field" in message and "Did you mean 'learning_rate'?" in message
+    assert "per_device_train_batch_size" in message  # the list of valid fields
+
+
+def test_trainer_argument_types_are_checked(tmp_path):
+    recipe = minimal_recipe()
+    recipe["stages"][0]["args"] = {"num_train_epochs": "three"}
+    message = error_of(tmp_path, recipe)
+    assert "stages.sft.args.num_train_epochs" in message and "expected a number" in message
+
+
+def test_every_sft_config_field_passes_through(tmp_path):
+    recipe = minimal_recipe()
+    recipe["stages"][0]["args"] = {"packing": True, "neftune_noise_alpha": 5, "learning_rate": "1e-4"}
+    stage = load_recipe(write(tmp_path, recipe)).stage("sft")
+    assert stage.args == {"packing": True, "neftune_noise_alpha": 5.0, "learning_rate": 1e-4}
+
+
+def test_unknown_stage_type_and_bad_dependency(tmp_path):
+    recipe = minimal_recipe()
+    recipe["stages"][0]["type"] = "stf"
+    assert "Did you mean 'sft'?" in error_of(tmp_path, recipe)
+    recipe = minimal_recipe()
+    recipe["stages"][0]["init_from"] = "nowhere"
+    assert "not an earlier stage" in error_of(tmp_path, recipe)
+
+
+def test_duplicate_stage_names(tmp_path):
+    recipe = minimal_recipe()
+    recipe["stages"].append(dict(recipe["stages"][0]))
+    assert "used twice" in error_of(tmp_path, recipe)
+
+
+def test_missing_local_dataset_file_is_caught_before_loading(tmp_path):
+    recipe = minimal_recipe()
+    recipe["stages"][0]["data"] = {"datasets": [{"path": str(tmp_path / "nope.json")}]}
+    message = error_of(tmp_path, recipe)
+    assert "stages.sft.data.datasets[0].path" in message and "not found" in message and "nope.json" in message
+
+
+def test_dataset_needs_path_or_toy(tmp_path):
+    recipe = minimal_recipe()
+    recipe["stages"][0]["data"] = {"datasets": [{"format": "alpaca"}]}
+    assert "stages.sft.data.datasets[0]" in error_of(tmp_path, recipe)
+
+
+def test_overrides_set_nested_keys_and_stage_by_name(tmp_path):
+    path = write(tmp_path, minimal_recipe())
+    recipe = load_recipe(path, ["stages.sft.args.learning_rate=1e-4", "lora.r=8", "model.quantization.mode=none"])
+    assert recipe.stage("sft").args["learning_rate"] == pytest.approx(1e-4)
+    assert recipe.lora.r == 8 and recipe.model.quantization.mode == "none"
+
+
+def test_override_errors_are_named(tmp_path):
+    assert "no item named 'sfx'" in error_of(tmp_path, minimal_recipe(), "stages.sfx.args.learning_rate=1")
+    assert "KEY=VALUE" in error_of(tmp_path, minimal_recipe(), "lora.r")
+    assert "lora.rank" in error_of(tmp_path, minimal_recipe(), "lora.rank=4")
+
+
+def test_override_of_a_list_by_index():
+    data = minimal_recipe()
+    apply_override(data, "stages.0.args.max_steps=3")
+    assert validate_recipe(data).stage("sft").args["max_steps"] == 3
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alignment", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "mutation, expected",
+    [
+        (lambda r: r.update(lora={"r": "x"}), "lora.r"),
+        (lambda r: r.update(modle={}), "Did you mean 'model'?"),
+        (lambda r: r["stages"][0]["data"]["datasets"][0].update(toy=None, path="missing.jsonl"), "missing.jsonl"),
+    ],
+    ids=["wrong-type", "unknown-key", "missing-dataset-file"],
+)
+def test_cli_exits_non_zero_naming_the_key(tmp_path, mutation, expected):
+    recipe = minimal_recipe()
+    mutation(recipe)
+    result = run_cli("validate", str(write(tmp_path, recipe)), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "recipe.yaml" in result.stderr
+
+
+def test_cli_malformed_yaml_exits_non_zero(tmp_path):
+    result = run_cli("validate", str(write(tmp_path, "stages: [\n")), cwd=tmp_path)
+    assert result.returncode == 2 and "malformed YAML" in result.stderr
+
+
+def test_cli_validate_prints_resolved_recipe_and_plan(tmp_path):
+    result = run_cli("validate", str(write(tmp_path, minimal_recipe())), "--set", "lora.r=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "r: 4" in result.stdout and "# plan" in result.stdout and "1. sft: sft" in result.stdout
