@@ -58,3 +58,7 @@ def write_text(path: str | Path, text: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))

@@ -102,3 +102,87 @@ class Tracker:
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
+
+
+def _records(path: Path) -> list[bytes]:
+    """Payloads of a `.wandb` file: a 7-byte header, then LevelDB-style log records in 32 KiB blocks."""
+    import struct
+
+    data, block, header = Path(path).read_bytes(), 32768, 7
+    if not data.startswith(b":W&B"):
+        raise ValueError(f"{path} is not a W&B run file")
+    records, pending, position = [], b"", header
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:
+            position += left
+            continue
+        _checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if length == 0 and kind == 0:  # zero padding up to the next block
+            position += left
+            continue
+        payload = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 1:  # the whole record
+            records.append(payload)
+        elif kind == 2:  # first part
+            pending = payload
+        elif kind == 3:  # middle part
+            pending += payload
+        elif kind == 4:  # last part
+            records.append(pending + payload)
+    return records
+
+
+def read_offline_run(run_folder: str | Path) -> dict[str, Any]:
+    """What an offline W&B run recorded: run info, config, history rows and the final summary.
+
+    wandb keeps offline runs in a binary `run-<id>.wandb` log; this reads it back (for tests, and for
+    comparing offline experiments without a server), using wandb's own protobuf records.
+    """
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    folder = Path(run_folder)
+    (path,) = folder.glob("run-*.wandb")
+    result: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}}
+
+    def put(target: dict, item: Any) -> None:
+        """Sets a value under its key, or under its nested key path (how a logged table's fields arrive)."""
+        path = [item.key] if item.key else list(item.nested_key)
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = json.loads(item.value_json)
+
+    for payload in _records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            result["run"] = {
+                "name": run.display_name,
+                "group": run.run_group,
+                "job_type": run.job_type,
+                "project": run.project,
+                "tags": list(run.tags),
+            }
+            updates = run.config.update
+        elif kind == "config":
+            updates = record.config.update
+        elif kind == "history":
+            row: dict[str, Any] = {}
+            for item in record.history.item:
+                put(row, item)
+            result["history"].append(row)
+            continue
+        elif kind == "summary":
+            for item in record.summary.update:
+                put(result["summary"], item)
+            continue
+        else:
+            continue
+        for item in updates:
+            put(result["config"], item)
+    return result

@@ -13,10 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 
 from alignment.data.formats import FORMATS, Format, RowContext, RowError, detect_format, family_templates
-from alignment.data.loading import DataError, raw_rows
+from alignment.data.loading import DataError, load_raw
 from alignment.data.templates import draw_template, resolve_template_set
 from alignment.recipes.schema import DatasetSpec, DataSpec
 
@@ -94,9 +94,10 @@ class _Converter:
             return None
         return draw_template(templates, self.spec.held_out_templates, index, self.seed, use_held_out=held_out)
 
-    def _fail(self, index: int, field_name: str, message: str) -> None:
+    def _fail(self, index: int, field_name: str, message: str, reason: str | None = None) -> None:
+        """Raises naming the row, or (on_bad_rows: drop) counts it under a reason shared by like rows."""
         if self.data.on_bad_rows == "drop":
-            self.dropped[f"{field_name}: {message}"] += 1
+            self.dropped[f"{field_name}: {reason or message}"] += 1
             return
         raise DataError(
             f"{self.spec.label}: row {index}: field '{field_name}' {message} "
@@ -124,7 +125,12 @@ class _Converter:
             if self.tokenizer is not None and self.max_length is not None:
                 length = example_token_length(example, self.tokenizer)
                 if length > self.max_length:
-                    self._fail(index, "<tokens>", f"is over-long: {length} tokens > max_length {self.max_length}")
+                    self._fail(
+                        index,
+                        "<tokens>",
+                        f"is over-long: {length} tokens > max_length {self.max_length}",
+                        reason=f"over max_length {self.max_length}",
+                    )
                     continue
             example["source"] = self.spec.label
             examples.append(example)
@@ -145,7 +151,7 @@ def build_stage_data(
     report = []
     for role, specs in (("train", data.datasets), ("eval", data.eval_datasets)):
         for spec in specs:
-            rows, columns = raw_rows(spec, seed)
+            rows, columns = load_raw(spec, seed)
             fmt = _resolve_format(spec, columns)
             converter = _Converter(spec, fmt, kind, data, seed, tokenizer, max_length)
             indices = list(range(len(rows)))
@@ -178,7 +184,3 @@ def build_stage_data(
         raise DataError(f"no training examples left from {[spec.label for spec in data.datasets]}")
     splits = {name: Dataset.from_list(examples) for name, examples in parts.items() if examples}
     return StageData(splits=splits, report=report)
-
-
-def concatenate(datasets: list[Dataset]) -> Dataset:
-    return concatenate_datasets(datasets) if len(datasets) > 1 else datasets[0]

@@ -1,4 +1,10 @@
-"""Loading raw datasets through `datasets`: hub ids, local files, and the embedded toy suite."""
+"""Loading raw datasets: hub ids and local Parquet/CSV/Arrow through `datasets`, the embedded toy suite.
+
+Local JSON and JSONL (optionally gzipped) are read with Python's `json`: `datasets`' JSON loader falls
+back to pandas when a column has mixed types and then silently coerces values (the string "5" becomes
+the integer 5), so a row with a wrong type could not be named. Plain rows keep every value as
+written; the checked examples become a `datasets.Dataset` right after.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import gzip
 import json
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import load_dataset
 
 from alignment.recipes.schema import DatasetSpec
 from alignment.toy.tasks import toy_rows
@@ -69,65 +75,53 @@ def read_json_rows(path: str) -> list[dict]:
     return rows
 
 
-def load_raw(spec: DatasetSpec, seed: int) -> Dataset:
-    """Loads one dataset's rows as they are (column mapping applied), before any format checks."""
+def load_raw(spec: DatasetSpec, seed: int) -> tuple[list[dict], list[str]]:
+    """One dataset's rows as plain dicts (column mapping applied), and its column names."""
     if spec.toy is not None:
         toy_seed = spec.toy.seed if spec.toy.seed is not None else seed
         try:
-            return Dataset.from_list(toy_rows(spec.toy.rows, toy_seed, spec.toy.families))
+            rows = toy_rows(spec.toy.rows, toy_seed, spec.toy.families)
         except ValueError as error:
             raise DataError(f"toy dataset: {error}") from None
+        return rows, ["family", "input", "answer"]
     assert spec.path is not None
     if is_local(spec.path):
         path = Path(spec.path).expanduser()
         if not path.exists():
             raise DataError(f"dataset file not found: {spec.path} (relative paths are read from {Path.cwd()})")
         builder, files = _local_files(path)
+        if builder == "json":
+            rows = [row for file in files for row in read_json_rows(file)]
+            columns = sorted({key for row in rows if isinstance(row, dict) for key in row})
+            return apply_column_mapping(rows, columns, spec)
         try:
             dataset = load_dataset(builder, data_files=files, split="train")
-        except Exception as error:  # arrow refuses mixed types; find the row in plain Python
-            if builder != "json":
-                raise DataError(f"{spec.path}: cannot load: {error}") from error
-            rows = [row for file in files for row in read_json_rows(file)]
-            raise _ArrowRefused(rows, error) from error
+        except Exception as error:
+            raise DataError(f"{spec.path}: cannot load: {error}") from error
     else:
         try:
             dataset = load_dataset(spec.path, spec.name, split=spec.split)
         except Exception as error:
             raise DataError(f"{spec.path}: cannot load from the hub (split {spec.split!r}): {error}") from error
-    return apply_column_mapping(dataset, spec)
+    return apply_column_mapping(dataset.to_list(), list(dataset.column_names), spec)
 
 
-class _ArrowRefused(Exception):
-    """Arrow could not type the file's columns; carries the plain rows so the caller can name the bad one."""
-
-    def __init__(self, rows: list[dict], cause: Exception):
-        self.rows, self.cause = rows, cause
-
-
-def apply_column_mapping(dataset: Dataset, spec: DatasetSpec) -> Dataset:
-    missing = {canonical: column for canonical, column in spec.columns.items() if column not in dataset.column_names}
+def apply_column_mapping(rows: list[dict], columns: list[str], spec: DatasetSpec) -> tuple[list[dict], list[str]]:
+    """Renames the dataset's columns to the format's canonical fields, as the recipe's `columns` says."""
+    missing = {canonical: column for canonical, column in spec.columns.items() if column not in columns}
     if missing:
         canonical, column = next(iter(missing.items()))
         raise DataError(
             f"{spec.label}: columns.{canonical} names column '{column}', which the dataset lacks; "
-            f"its columns are {dataset.column_names}"
+            f"its columns are {columns}"
         )
     renames = {column: canonical for canonical, column in spec.columns.items() if column != canonical}
-    clashes = [canonical for canonical in renames.values() if canonical in dataset.column_names]
-    if clashes:
-        dataset = dataset.remove_columns(clashes)
-    return dataset.rename_columns(renames) if renames else dataset
-
-
-def raw_rows(spec: DatasetSpec, seed: int) -> tuple[list[dict], list[str]]:
-    """The dataset's rows as Python dicts and its column names; plain JSON rows when arrow refused the file."""
-    try:
-        dataset = load_raw(spec, seed)
-    except _ArrowRefused as refused:
-        rows = refused.rows
-        renames = {column: canonical for canonical, column in spec.columns.items()}
-        rows = [{renames.get(key, key): value for key, value in row.items()} for row in rows]
-        columns = sorted({key for row in rows if isinstance(row, dict) for key in row})
+    if not renames:
         return rows, columns
-    return dataset.to_list(), list(dataset.column_names)
+    rows = [
+        {renames.get(key, key): value for key, value in row.items() if key not in renames.values() or key in renames}
+        if isinstance(row, dict)
+        else row
+        for row in rows
+    ]
+    return rows, sorted({renames.get(column, column) for column in columns})

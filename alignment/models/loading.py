@@ -92,8 +92,22 @@ def load_base_model(config: ModelConfig, gradient_checkpointing: bool = False) -
     )
     if config.quantization.mode != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_cpu_4bit_exact(model)
     model.config.use_cache = not gradient_checkpointing
     return model
+
+
+def keep_cpu_4bit_exact(model: torch.nn.Module) -> None:
+    """Turns off bitsandbytes' CPU bf16 repacking of 4-bit weights for inference.
+
+    On CPUs with AVX512-BF16, `Linear4bit` repacks its weights on the first no-grad eval forward and
+    computes in bfloat16 from then on: the same input then scores differently in eval and training,
+    float32 recipes lose their precision, and layers whose output size is not a multiple of 32 fail
+    an assertion (stories260k's MLP). Exact, mode-independent numbers matter more here.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(settings: LoraSettings) -> LoraConfig:

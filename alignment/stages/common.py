@@ -11,6 +11,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from alignment.data.build import EVAL, EVAL_HELD_OUT, StageData
 from alignment.evaluation.generation import SAMPLE_COLUMNS, evaluate_generation
+from alignment.io import write_jsonl
 from alignment.models.loading import torch_dtype
 from alignment.recipes.schema import GenerationEvalConfig, ModelConfig
 from alignment.tracking import Tracker
@@ -42,6 +43,14 @@ def match_adapter_dtype(model: torch.nn.Module, config: ModelConfig) -> None:
             parameter.data = parameter.data.to(dtype)
 
 
+def split_metric_key(key: str, split: str) -> str:
+    """`eval_heldout_templates_loss` → `eval_heldout_templates/loss`; TRL's own `eval_entropy` → `<split>/entropy`."""
+    for prefix in (f"{split}_", "eval_"):
+        if key.startswith(prefix):
+            return f"{split}/{key[len(prefix) :]}"
+    return f"{split}/{key}"
+
+
 def evaluate_splits(
     trainer: Any,
     data: StageData,
@@ -49,17 +58,24 @@ def evaluate_splits(
     generation: GenerationEvalConfig,
     tracker: Tracker,
     trainer_fields: list[str],
+    output_dir: Path,
 ) -> dict[str, float]:
-    """Trainer evaluation (loss, token accuracy) and scored generation on each held-out split."""
+    """Trainer evaluation (loss, token accuracy) and scored generation on each held-out split.
+
+    The generated samples are logged as a W&B table and kept in `samples/<split>.jsonl` of the stage.
+    """
     metrics: dict[str, float] = {}
     for name in (EVAL, EVAL_HELD_OUT):
         split = data.splits.get(name)
         if split is None:
             continue
         evaluated = trainer.evaluate(eval_dataset=trainer_columns(split, trainer_fields), metric_key_prefix=name)
-        metrics |= {key.replace(f"{name}_", f"{name}/", 1): value for key, value in evaluated.items()}
+        metrics |= {split_metric_key(key, name): value for key, value in evaluated.items() if key != "epoch"}
         if generation.num_prompts > 0:
             scores, rows = evaluate_generation(trainer.model, tokenizer, split, name, generation)
             metrics |= scores
             tracker.table(f"{name}/samples", SAMPLE_COLUMNS, rows)
+            write_jsonl(
+                output_dir / "samples" / f"{name}.jsonl", [dict(zip(SAMPLE_COLUMNS, row, strict=True)) for row in rows]
+            )
     return metrics

@@ -14,6 +14,7 @@ from typing import Any
 from trl import SFTConfig, SFTTrainer
 
 from alignment.data.build import EVAL, TRAIN, build_stage_data
+from alignment.io import write_json
 from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer
 from alignment.recipes.schema import GenerationEvalConfig, StageSpec
 from alignment.stages.base import Stage, register
@@ -60,7 +61,9 @@ class SFTStage(Stage):
 
         trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
+        write_json(output_dir / "log_history.json", trainer.state.log_history)
 
-        metrics |= evaluate_splits(trainer, data, tokenizer, spec.evaluation, tracker, ["prompt", "completion"])
-        tracker.log(metrics)
+        metrics |= evaluate_splits(
+            trainer, data, tokenizer, spec.evaluation, tracker, ["prompt", "completion"], output_dir
+        )
         return metrics

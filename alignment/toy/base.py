@@ -26,8 +26,8 @@ from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
 from alignment.toy.tasks import FAMILIES
 
 TOY_MODEL_NAME = "toy"
-TOY_VERSION = "v3"
-PRETRAIN_STEPS = 1200
+TOY_VERSION = "v4"
+PRETRAIN_STEPS = 1500
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 3e-3
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]

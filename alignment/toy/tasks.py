@@ -27,7 +27,7 @@ class TaskFamily:
         return self.templates[template_index].format(x=x)
 
 
-def _word(rng: random.Random, low: int = 3, high: int = 6) -> str:
+def _word(rng: random.Random, low: int = 3, high: int = 5) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(low, high)))
 
 
@@ -72,7 +72,7 @@ def _count_a_input(rng: random.Random) -> str:
 
 
 def _sum_input(rng: random.Random) -> str:
-    return f"{rng.randint(0, 49)}+{rng.randint(0, 49)}"
+    return f"{rng.randint(0, 9)}+{rng.randint(0, 9)}"
 
 
 FAMILIES: dict[str, TaskFamily] = {
@@ -158,7 +158,7 @@ FAMILIES: dict[str, TaskFamily] = {
                 "Say {x} and then {x} again, with no space.",
                 "Double the string {x}.",
             ),
-            lambda rng: _word(rng, 2, 5),
+            lambda rng: _word(rng, 2, 4),
             lambda x: x + x,
             _not_equal(lambda x, answer, rng: x if rng.random() < 0.5 else x + x[:-1]),
         ),
@@ -169,23 +169,31 @@ FAMILIES: dict[str, TaskFamily] = {
 def toy_rows(
     count: int, seed: int, families: list[str] | None = None, exclude: set[tuple[str, str]] | None = None
 ) -> list[dict]:
-    """Draws `count` distinct (family, input) instances, round-robin over the families."""
-    names = families or list(FAMILIES)
+    """Draws `count` distinct (family, input) instances, round-robin over the families.
+
+    A family with few distinct instances (single-digit sums) stops contributing once it is exhausted,
+    so every instance appears once and held-out rows are never seen in training.
+    """
+    names = list(families or FAMILIES)
     unknown = [name for name in names if name not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown toy task families {unknown}; valid: {sorted(FAMILIES)}")
     rng = random.Random(seed)
     seen = set(exclude or ())
     rows: list[dict] = []
-    attempts = 0
+    misses = dict.fromkeys(names, 0)
+    turn = 0
     while len(rows) < count:
-        family = FAMILIES[names[len(rows) % len(names)]]
+        active = [name for name in names if misses[name] < 500]
+        if not active:
+            raise ValueError(f"cannot draw {count} distinct toy instances from families {names}; got {len(rows)}")
+        family = FAMILIES[active[turn % len(active)]]
         x = family.make_input(rng)
-        attempts += 1
-        if attempts > count * 50:
-            raise ValueError(f"cannot draw {count} distinct toy instances from families {names}")
         if (family.name, x) in seen:
+            misses[family.name] += 1
             continue
+        turn += 1
+        misses[family.name] = 0
         seen.add((family.name, x))
         rows.append({"family": family.name, "input": x, "answer": family.solve(x)})
     return rows

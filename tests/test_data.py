@@ -1,0 +1,210 @@
+"""The data layer: real Alpaca files, every format, column mapping, mixtures, splits, templates, bad rows."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from conftest import ALPACA, ALPACA_DEMO, need_shared
+from datasets import Dataset
+
+from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
+from alignment.data.loading import DataError
+from alignment.data.templates import BUILTIN_TEMPLATE_SETS
+from alignment.recipes.schema import DatasetSpec, DataSpec, ToySource
+from alignment.toy.base import build_toy_tokenizer
+
+
+def spec(*datasets: DatasetSpec, **kwargs) -> DataSpec:
+    return DataSpec(datasets=list(datasets), **kwargs)
+
+
+def write_jsonl(path, rows, compress=False):
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if compress:
+        with gzip.open(path, "wt") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+ALPACA_ROWS = [
+    {"instruction": "Say hi", "input": "", "output": "hi"},
+    {"instruction": "Add", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name a colour", "input": "", "output": "red"},
+]
+
+
+def test_all_5000_alpaca_rows_load_and_the_two_empty_outputs_are_named():
+    need_shared(ALPACA)
+    with pytest.raises(DataError) as caught:
+        build_stage_data(spec(DatasetSpec(path=str(ALPACA), format="alpaca")), "sft", seed=0)
+    message = str(caught.value)
+    assert "alpaca_5000.json" in message and "field 'output' is empty" in message and "row " in message
+    rows = json.loads(ALPACA.read_text())
+    empty = [index for index, row in enumerate(rows) if not row["output"].strip()]
+    assert len(empty) == 2 and f"row {empty[0]}:" in message or f"row {empty[1]}:" in message
+
+    data = build_stage_data(spec(DatasetSpec(path=str(ALPACA)), on_bad_rows="drop"), "sft", seed=0)
+    assert len(data.splits[TRAIN]) == 4998 and data.dropped == 2
+    assert data.report[0]["format"] == "alpaca" and data.report[0]["dropped"] == {"output: is empty": 2}
+    example = data.splits[TRAIN][0]
+    assert example["prompt"][-1]["role"] == "user" and example["completion"][0]["role"] == "assistant"
+
+
+def test_all_999_llamafactory_alpaca_rows_load():
+    need_shared(ALPACA_DEMO)
+    data = build_stage_data(spec(DatasetSpec(path=str(ALPACA_DEMO), format="alpaca")), "sft", seed=0)
+    assert len(data.splits[TRAIN]) == 999 and data.dropped == 0
+
+
+def test_alpaca_input_is_rendered_with_the_instruction(tmp_path):
+    data = build_stage_data(spec(DatasetSpec(path=write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS))), "sft", seed=0)
+    by_answer = {row["reference"]: row for row in data.splits[TRAIN]}
+    assert by_answer["5"]["prompt"] == [{"role": "user", "content": "Add\n\n2 and 3"}]
+    assert by_answer["hi"]["prompt"] == [{"role": "user", "content": "Say hi"}]
+
+
+def test_row_without_instruction_is_named(tmp_path):
+    rows = [*ALPACA_ROWS, {"input": "", "output": "x"}]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad\.jsonl: row 3: field 'instruction' is missing"):
+        build_stage_data(spec(DatasetSpec(path=path, format="alpaca")), "sft", seed=0)
+
+
+def test_wrong_type_is_named_even_when_arrow_refuses_the_file(tmp_path):
+    rows = [*ALPACA_ROWS, {"instruction": "n", "input": "", "output": 5}]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"mixed\.json: row 3: field 'output' expected a string, got int"):
+        build_stage_data(spec(DatasetSpec(path=str(path), format="alpaca")), "sft", seed=0)
+
+
+def test_over_long_rows_error_or_drop(tmp_path):
+    rows = [*ALPACA_ROWS, {"instruction": "long " * 200, "input": "", "output": "y"}]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    tokenizer = build_toy_tokenizer()
+    with pytest.raises(DataError, match=r"row 3: field '<tokens>' is over-long: \d+ tokens > max_length 200"):
+        build_stage_data(spec(DatasetSpec(path=path)), "sft", seed=0, tokenizer=tokenizer, max_length=200)
+    data = build_stage_data(spec(DatasetSpec(path=path), on_bad_rows="drop"), "sft", 0, tokenizer, 200)
+    assert len(data.splits[TRAIN]) == 3 and data.dropped == 1
+
+
+@pytest.mark.parametrize(
+    "rows, expected_format",
+    [
+        ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}], "messages"),
+        ([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}], "sharegpt"),
+        ([{"prompt": "q", "completion": "a"}], "prompt_completion"),
+        (
+            [{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}],
+            "prompt_completion",
+        ),
+    ],
+    ids=["messages", "sharegpt", "prompt-completion-text", "prompt-completion-chat"],
+)
+def test_formats_are_detected_and_converted(tmp_path, rows, expected_format):
+    data = build_stage_data(spec(DatasetSpec(path=write_jsonl(tmp_path / "d.jsonl", rows))), "sft", seed=0)
+    example = data.splits[TRAIN][0]
+    assert data.report[0]["format"] == expected_format
+    assert example["prompt"] == [{"role": "user", "content": "q"}]
+    assert example["completion"] == [{"role": "assistant", "content": "a"}]
+
+
+def test_multi_turn_messages_train_on_the_last_answer_with_system_prompt(tmp_path):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "1"},
+                {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "3"},
+                {"role": "assistant", "content": "4"},
+            ]
+        }
+    ]
+    dataset = DatasetSpec(path=write_jsonl(tmp_path / "m.jsonl", rows), system="Be brief.")
+    example = build_stage_data(spec(dataset), "sft", seed=0).splits[TRAIN][0]
+    assert [m["content"] for m in example["prompt"]] == ["Be brief.", "1", "2", "3"]
+    assert example["completion"][0]["content"] == "4"
+
+
+def test_column_mapping_needs_no_code(tmp_path):
+    rows = [{"question": "2+2?", "answer": "4"}, {"question": "3+3?", "answer": "6"}]
+    dataset = DatasetSpec(
+        path=write_jsonl(tmp_path / "qa.jsonl", rows),
+        format="alpaca",
+        columns={"instruction": "question", "output": "answer"},
+    )
+    data = build_stage_data(spec(dataset), "sft", seed=0)
+    assert sorted(row["reference"] for row in data.splits[TRAIN]) == ["4", "6"]
+    bad = DatasetSpec(path=dataset.path, format="alpaca", columns={"instruction": "query"})
+    with pytest.raises(DataError, match="columns.instruction names column 'query'"):
+        build_stage_data(spec(bad), "sft", seed=0)
+
+
+@pytest.mark.parametrize("kind", ["jsonl.gz", "parquet", "csv"])
+def test_local_file_kinds(tmp_path, kind):
+    if kind == "jsonl.gz":
+        path = write_jsonl(tmp_path / "a.jsonl.gz", ALPACA_ROWS, compress=True)
+    elif kind == "parquet":
+        path = str(tmp_path / "a.parquet")
+        Dataset.from_list(ALPACA_ROWS).to_parquet(path)
+    else:
+        path = str(tmp_path / "a.csv")
+        Dataset.from_list(ALPACA_ROWS).to_csv(path)
+    data = build_stage_data(spec(DatasetSpec(path=path, format="alpaca")), "sft", seed=0)
+    assert sorted(row["reference"] for row in data.splits[TRAIN]) == ["5", "hi", "red"]
+
+
+def test_unknown_format_and_undetectable_columns(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"foo": "bar"}])
+    with pytest.raises(DataError, match=r"cannot tell the format from the columns \['foo'\]"):
+        build_stage_data(spec(DatasetSpec(path=path)), "sft", seed=0)
+    with pytest.raises(DataError, match="unknown format 'alpacca'"):
+        build_stage_data(spec(DatasetSpec(path=path, format="alpacca")), "sft", seed=0)
+
+
+def test_mixture_weights_and_held_out_split(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(100)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "y"} for i in range(40)])
+    data = build_stage_data(
+        spec(DatasetSpec(path=first, weight=0.5), DatasetSpec(path=second, weight=2.0), eval_split=0.1), "sft", 0
+    )
+    sources = [row["source"] for row in data.splits[TRAIN]]
+    assert sources.count(first) == 45 and sources.count(second) == 72  # 90 * 0.5 and 36 * 2
+    assert len(data.splits[EVAL]) == 14
+    train_prompts = {row["prompt"][0]["content"] for row in data.splits[TRAIN]}
+    assert not train_prompts & {row["prompt"][0]["content"] for row in data.splits[EVAL]}
+    again = build_stage_data(
+        spec(DatasetSpec(path=first, weight=0.5), DatasetSpec(path=second, weight=2.0), eval_split=0.1), "sft", 0
+    )
+    assert again.splits[TRAIN].to_list() == data.splits[TRAIN].to_list()  # seeded, reproducible
+
+
+def test_flan_templates_with_held_out_phrasings(tmp_path):
+    rows = [{"instruction": f"Task {i}", "input": f"in {i}", "output": "o"} for i in range(200)]
+    dataset = DatasetSpec(path=write_jsonl(tmp_path / "t.jsonl", rows), templates="flan", held_out_templates=2)
+    data = build_stage_data(spec(dataset, eval_split=0.2), "sft", seed=3)
+    flan = BUILTIN_TEMPLATE_SETS["flan"]
+    held_out_prefixes = ("Please do the following:", "Task: Task")
+    train_texts = [row["prompt"][0]["content"] for row in data.splits[TRAIN]]
+    held_texts = [row["prompt"][0]["content"] for row in data.splits[EVAL_HELD_OUT]]
+    assert not any(text.startswith(held_out_prefixes) for text in train_texts)
+    assert all(text.startswith(held_out_prefixes) for text in held_texts)
+    assert len({text.split("Task")[0] for text in train_texts}) > 1  # several seen templates are used
+    assert len(data.splits[EVAL_HELD_OUT]) == len(data.splits[EVAL]) == 40
+    assert len(flan) == 6
+
+
+def test_toy_suite_splits_instances_and_templates():
+    data = build_stage_data(
+        spec(DatasetSpec(toy=ToySource(rows=700), held_out_templates=1), eval_split=0.1), "sft", seed=0
+    )
+    train, held = data.splits[TRAIN], data.splits[EVAL_HELD_OUT]
+    assert len(train) == 630 and len(held) == 70
+    train_inputs = {(r["group"], r["prompt"][0]["content"]) for r in train}
+    assert not train_inputs & {(r["group"], r["prompt"][0]["content"]) for r in data.splits[EVAL]}
+    assert all(row["checker"] == "exact" and row["reference"] for row in train)
+    assert len({row["group"] for row in train}) == 7

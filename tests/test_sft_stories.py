@@ -1,0 +1,141 @@
+"""SFT end to end on a real pre-trained checkpoint: stories260k in 4-bit NF4 with LoRA, on real Alpaca rows.
+
+Also reads back what the offline W&B run wrote, and what the stage folder holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ALPACA, STORIES, need_shared
+
+from alignment.evaluation.generation import generate_answers
+from alignment.models.loading import load_trained_policy
+from alignment.recipes.load import validate_recipe
+from alignment.recipes.schema import GenerationEvalConfig
+from alignment.runner import run_recipe
+from alignment.tracking import read_offline_run
+
+
+def stories_recipe(output_dir: Path, tracking_mode: str = "offline", **args) -> dict:
+    return {
+        "name": "stories-sft",
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {
+            "name_or_path": str(STORIES),
+            "dtype": "float32",
+            "quantization": {"mode": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"},
+        },
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "chat_template": "alpaca",
+        "tracking": {"project": "alignment-tests", "mode": tracking_mode, "tags": ["test"]},
+        "stages": [
+            {
+                "name": "sft",
+                "type": "sft",
+                "data": {
+                    "datasets": [{"path": str(ALPACA), "format": "alpaca", "max_rows": 96}],
+                    "eval_split": 16,
+                    "on_bad_rows": "drop",
+                },
+                "evaluation": {"num_prompts": 4, "max_new_tokens": 8, "batch_size": 4},
+                "args": {
+                    "max_steps": 12,
+                    "per_device_train_batch_size": 8,
+                    "learning_rate": 1e-2,
+                    "logging_steps": 1,
+                    "max_length": 256,
+                    "activation_checkpointing": False,
+                    "save_strategy": "no",
+                    **args,
+                },
+            }
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def stories_run(tmp_path_factory):
+    need_shared(STORIES)
+    need_shared(ALPACA)
+    output_dir = tmp_path_factory.mktemp("stories") / "run"
+    recipe = validate_recipe(stories_recipe(output_dir))
+    metrics = run_recipe(recipe)["sft"]
+    return output_dir, metrics
+
+
+def test_loss_falls_on_real_alpaca_rows_in_4bit(stories_run):
+    output_dir, metrics = stories_run
+    config = json.loads((output_dir / "sft" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "LORA"
+    history = json.loads((output_dir / "sft" / "metrics.json").read_text())
+    assert history["train/loss"] > 0 and "eval/loss" in history and "eval/mean_token_accuracy" in history
+    log_history = json.loads((output_dir / "sft" / "log_history.json").read_text())
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+
+
+def test_stage_folder_holds_adapter_tokenizer_recipe_metrics_manifest(stories_run):
+    output_dir, _ = stories_run
+    stage = output_dir / "sft"
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "recipe.yaml",
+        "metrics.json",
+        "manifest.json",
+        "log_history.json",
+    ):
+        assert (stage / name).exists(), name
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["type"] == "sft"
+    assert manifest["started_at"] <= manifest["finished_at"]
+    assert {"torch", "transformers", "trl", "peft", "datasets", "bitsandbytes"} <= set(manifest["versions"])
+    assert manifest["inputs"]["datasets"] == [str(ALPACA)]
+    assert yaml.safe_load((stage / "recipe.yaml").read_text())["name"] == "stories-sft"
+    assert not (output_dir / ".work" / "sft").exists()  # the work folder goes once the output is whole
+
+
+def test_saved_adapter_reloads_and_generates(stories_run):
+    output_dir, _ = stories_run
+    model, tokenizer = load_trained_policy(output_dir / "sft")
+    assert model.peft_config["default"].r == 8
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert tokenizer.chat_template and "### Response" in tokenizer.chat_template
+    samples = [json.loads(line) for line in (output_dir / "sft" / "samples" / "eval.jsonl").read_text().splitlines()]
+    assert len(samples) == 4
+    prompts = [[{"role": "user", "content": sample["prompt"]}] for sample in samples]
+    answers = generate_answers(model, tokenizer, prompts, GenerationEvalConfig(max_new_tokens=8))
+    assert answers == [sample["response"] for sample in samples]  # the reloaded adapter is the trained one
+
+
+def test_offline_wandb_run_holds_config_metrics_and_samples(stories_run):
+    output_dir, _ = stories_run
+    runs = sorted((output_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = read_offline_run(runs[0])
+    assert logged["run"] == {
+        "name": "stories-sft/sft",
+        "group": "stories-sft",
+        "job_type": "sft",
+        "project": "alignment-tests",
+        "tags": ["test"],
+    }
+    assert logged["config"]["recipe"]["name"] == "stories-sft"
+    assert logged["config"]["stage"]["args"]["max_steps"] == 12
+    assert logged["config"]["learning_rate"] == 0.01  # TRL's arguments land in the same run
+    steps = [row["train/loss"] for row in logged["history"] if "train/loss" in row]
+    assert len(steps) == 12
+    metrics = json.loads((output_dir / "sft" / "metrics.json").read_text())
+    assert logged["summary"]["eval/loss"] == pytest.approx(metrics["eval/loss"])
+    assert logged["summary"]["data/dropped_rows"] == metrics["data/dropped_rows"] > 0
+    assert logged["summary"]["eval/samples"]["_type"] == "table-file"
+    tables = list((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["prompt", "response", "reference", "correct", "group"] and len(table["data"]) == 4
