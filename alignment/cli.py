@@ -1,4 +1,4 @@
-"""The `alignment` command: run, validate, generate."""
+"""The `alignment` command: run, validate, generate, score."""
 
 from __future__ import annotations
 
@@ -56,6 +56,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from alignment.models.heads import load_reward_role, load_scalar_head, read_reward_stats, score_conversations
+    from alignment.models.loading import load_base_model, load_stage_recipe
+
+    recipe = load_stage_recipe(args.stage_dir)
+    load_scalar_head(args.stage_dir)  # a reward stage's folder? (before the base loads)
+    tokenizer = AutoTokenizer.from_pretrained(str(args.stage_dir))
+    model, head = load_reward_role(load_base_model(recipe.model), args.stage_dir, "reward")
+    conversations = [
+        [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": response}]
+        for response in args.response
+    ]
+    rewards = score_conversations(model, head, tokenizer, conversations, adapter="reward")
+    if args.normalize:
+        stats = read_reward_stats(args.stage_dir)
+        rewards = [(reward - stats["mean"]) / max(stats["std"], 1e-8) for reward in rewards]
+    for response, reward in zip(args.response, rewards, strict=True):
+        print(f"{reward:.6g}" if len(args.response) == 1 else f"{reward:.6g}\t{response}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignment", description="SFT → reward model → PPO/DPO on one 4-bit base.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.set_defaults(func=cmd_generate)
+
+    score = commands.add_parser("score", help="print the reward a trained reward stage gives a response")
+    score.add_argument("stage_dir", help="a reward stage output folder, e.g. runs/toy-reward/reward")
+    score.add_argument("--prompt", required=True, help="the user prompt")
+    score.add_argument("--response", action="append", required=True, help="a response to score (repeatable)")
+    score.add_argument(
+        "--normalize", action="store_true", help="subtract the training-prompt mean and divide by the std"
+    )
+    score.set_defaults(func=cmd_score)
     return parser
 
 

@@ -68,6 +68,13 @@ class Tracker:
             reinit="finish_previous",
         )
 
+    @classmethod
+    def disabled(cls) -> Tracker:
+        """A tracker that logs nothing (tests, and code run outside a stage)."""
+        tracker = cls.__new__(cls)
+        tracker.mode, tracker.run = "disabled", None
+        return tracker
+
     @property
     def report_to(self) -> list[str]:
         """What the HF Trainer should report to: the run opened here, or nothing."""

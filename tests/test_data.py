@@ -6,7 +6,6 @@ import gzip
 import json
 
 import pytest
-from conftest import ALPACA, ALPACA_DEMO, need_shared
 from datasets import Dataset
 
 from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
@@ -14,6 +13,8 @@ from alignment.data.loading import DataError
 from alignment.data.templates import BUILTIN_TEMPLATE_SETS
 from alignment.recipes.schema import DatasetSpec, DataSpec, ToySource
 from alignment.toy.base import build_toy_tokenizer
+
+from conftest import ALPACA, ALPACA_DEMO, need_shared
 
 
 def spec(*datasets: DatasetSpec, **kwargs) -> DataSpec:

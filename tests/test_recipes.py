@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, minimal_recipe
 
 from alignment.recipes.load import apply_override, load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
+
+from conftest import ROOT, minimal_recipe
 
 SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
 

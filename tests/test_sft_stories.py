@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ALPACA, STORIES, need_shared
 
 from alignment.evaluation.generation import generate_answers
 from alignment.models.loading import load_trained_policy
@@ -18,6 +17,8 @@ from alignment.recipes.load import validate_recipe
 from alignment.recipes.schema import GenerationEvalConfig
 from alignment.runner import run_recipe
 from alignment.tracking import read_offline_run
+
+from conftest import ALPACA, STORIES, need_shared
 
 
 def stories_recipe(output_dir: Path, tracking_mode: str = "offline", **args) -> dict:

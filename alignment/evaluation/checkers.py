@@ -43,3 +43,16 @@ def resolve_checker(name: str) -> Checker:
         return getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"checker '{name}' cannot be imported: {error}") from None
+
+
+def exact_match_reward(prompts: list, responses: list[str], references: list[str]) -> list[float]:
+    """A PPO reward function for tasks with checkable answers: 1 for an exact answer, else 0."""
+    return [
+        1.0 if exact(response, reference) else 0.0 for response, reference in zip(responses, references, strict=True)
+    ]
+
+
+def gsm8k_reward(prompts: list, responses: list[str], references: list[str]) -> list[float]:
+    return [
+        1.0 if gsm8k(response, reference) else 0.0 for response, reference in zip(responses, references, strict=True)
+    ]

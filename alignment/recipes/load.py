@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from alignment.recipes.schema import Recipe
-from alignment.recipes.validate import RecipeError, build, check_args, closest, join
+from alignment.recipes.validate import RecipeError, build, closest, join
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def validate_recipe(data: dict[str, Any], file: str | None = None) -> Recipe:
                         path,
                         f"depends on stage '{dependency}', which is not an earlier stage (earlier: {names or 'none'})",
                     )
-            spec.args = check_args(stage_cls.args_class, spec.args, join(path, "args"))
+            spec.args = stage_cls.check_args(spec.args, join(path, "args"))
             check_local_files(spec, path)
             stages.append(spec)
             names.append(spec.name)

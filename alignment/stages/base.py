@@ -27,6 +27,7 @@ import yaml
 
 from alignment.io import atomic_directory, write_json, write_text
 from alignment.recipes.schema import Recipe, StageSpec
+from alignment.recipes.validate import check_args
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,12 @@ class Stage:
         self.stage_dir = self.run_dir / spec.name
         self.work_dir = self.run_dir / ".work" / spec.name
         self.seed = recipe.seed
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any], path: str) -> dict[str, Any]:
+        """Validates `args` before anything loads. TRL configs are only type-checked (building them
+        sets up devices); a stage with a side-effect-free config of its own overrides this to build it."""
+        return check_args(cls.args_class, args, path)
 
     # ---- what a stage implements -----------------------------------------------------------
     def run(self, output_dir: Path, tracker: Tracker) -> dict[str, Any]:

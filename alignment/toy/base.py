@@ -1,7 +1,7 @@
 """The embedded default base model: a tiny Llama and a byte-level tokenizer, built with no download.
 
 InstructGPT starts from a pre-trained language model, so the toy base is pre-trained too: briefly,
-on plain text about the suite's skills, half in a bare `family: input = answer` form and half as an
+on plain text about the suite's skills, mostly (60%) in a bare `family: input = answer` form, the rest as an
 instruction phrasing followed by its answer, never inside a chat template and never with the last
 (held-out) template of a family. Instruction tuning then has to teach the chat format and to answer
 as the assistant turn, and phrasings held out of both stages measure generalisation.
@@ -26,8 +26,8 @@ from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
 from alignment.toy.tasks import FAMILIES
 
 TOY_MODEL_NAME = "toy"
-TOY_VERSION = "v4"
-PRETRAIN_STEPS = 1500
+TOY_VERSION = "v5"
+PRETRAIN_STEPS = 2000
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 3e-3
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -85,7 +85,7 @@ def pretraining_text(rng: random.Random) -> str:
     """One line of the toy pre-training corpus."""
     family = FAMILIES[rng.choice(sorted(FAMILIES))]
     x = family.make_input(rng)
-    if rng.random() < 0.5:
+    if rng.random() < 0.6:
         return f"{family.name}: {x} = {family.solve(x)}"
     template = rng.randrange(len(family.templates) - 1)
     return f"{family.render(x, template)}\n{family.solve(x)}"

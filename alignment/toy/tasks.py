@@ -12,7 +12,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
-LETTERS = string.ascii_lowercase
+LETTERS = string.ascii_lowercase[:10]  # a-j: few symbols, so a tiny model learns to copy and map them
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _partly_upper(x: str, answer: str, rng: random.Random) -> str:
 
 
 def _count_a_input(rng: random.Random) -> str:
-    chars = [rng.choice("aab" + LETTERS[2:8]) for _ in range(rng.randint(3, 7))]
+    chars = [rng.choice("aa" + LETTERS[1:]) for _ in range(rng.randint(3, 7))]
     return "".join(chars)
 
 

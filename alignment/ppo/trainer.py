@@ -1,0 +1,444 @@
+"""The PPO loop of InstructGPT, with the policy, reference, reward and value roles as adapters on one base.
+
+One iteration: sample responses with the policy (rollout) → score them with the reward role and take
+log-probs under the policy and the reference and values under the value role → per-token rewards
+with the KL penalty → GAE → several epochs of clipped policy and value updates over mini-batches.
+The maths lives in `alignment.ppo.core`; this file moves tensors between the roles and keeps state.
+
+Roles never leak into each other: the model stays in eval mode (no dropout anywhere, so the first
+mini-batch has ratio 1 exactly), frozen roles have requires_grad off and are run under no_grad, and
+adapters are switched with `active_adapter`, which leaves requires_grad alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from peft import PeftModel
+from tqdm.auto import tqdm
+
+from alignment.evaluation.checkers import resolve_checker
+from alignment.evaluation.generation import render_prompts
+from alignment.models.heads import (
+    active_adapter,
+    decoder_stack,
+    encode_conversations,
+    positions_from_mask,
+    sequence_scores,
+)
+from alignment.ppo import core
+from alignment.ppo.config import PPOConfig
+from alignment.tracking import Tracker
+
+POLICY, REFERENCE, REWARD, VALUE = "policy", "reference", "reward", "value"
+CHECKPOINT = "ppo_checkpoint.pt"
+
+# A reward source maps (prompts, response texts) to one score each; the reward role or a Python function.
+RewardSource = Callable[[list[list[dict]], list[str]], torch.Tensor]
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled episodes and everything measured on them before the update."""
+
+    query_ids: torch.Tensor  # (batch, query length), left-padded prompts
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor  # (batch, response length), pad after the first EOS
+    response_mask: torch.Tensor  # 1 on real response tokens, up to and including the first EOS
+    contains_eos: torch.Tensor  # (batch,)
+    logprobs: torch.Tensor  # log π_old(y_t | x, y_<t), the sampling policy
+    reference_logprobs: torch.Tensor  # log π_SFT(y_t | x, y_<t)
+    values: torch.Tensor  # V_old(s_t)
+    scores: torch.Tensor  # the sequence reward after normalisation and the missing-EOS penalty
+    raw_scores: torch.Tensor  # the reward source's scores as it gave them
+    responses: list[str]
+    prompts: list[list[dict]]
+    gold: list[bool | None]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+def adapter_reward(model: PeftModel, head: torch.nn.Module, tokenizer: Any) -> RewardSource:
+    """The reward role: the reward adapter and its head score prompt + response, as the reward stage trained them."""
+
+    @torch.no_grad()
+    def score(prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
+        conversations = [
+            prompt + [{"role": "assistant", "content": text}] for prompt, text in zip(prompts, responses, strict=True)
+        ]
+        batch = encode_conversations(tokenizer, conversations)
+        device = model.get_input_embeddings().weight.device
+        return sequence_scores(
+            model, head, batch["input_ids"].to(device), batch["attention_mask"].to(device), adapter=REWARD
+        )
+
+    return score
+
+
+def function_reward(function: Callable, references: dict[str, str]) -> RewardSource:
+    """A Python reward `f(prompts, responses, references) -> list[float]`, e.g. a gold-answer check."""
+
+    def score(prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
+        refs = [references.get(prompt[-1]["content"], "") for prompt in prompts]
+        return torch.tensor(function(prompts, responses, refs), dtype=torch.float32)
+
+    return score
+
+
+class PPOTrainer:
+    """Runs PPO iterations over a prompt dataset; resumable from its last checkpoint."""
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        model: PeftModel,
+        value_head: torch.nn.Module,
+        reward: RewardSource,
+        tokenizer: Any,
+        prompts: Dataset,
+        work_dir: Path,
+        tracker: Tracker,
+        reward_stats: dict | None = None,
+        ptx_batches: Callable[[int], dict[str, torch.Tensor]] | None = None,
+        seed: int = 0,
+    ):
+        self.config, self.model, self.value_head, self.reward = config, model, value_head, reward
+        self.tokenizer, self.prompts, self.work_dir, self.tracker = tokenizer, prompts, Path(work_dir), tracker
+        self.reward_stats, self.ptx_batches, self.seed = reward_stats, ptx_batches, seed
+        self.accelerator = Accelerator()
+        self.device = self.accelerator.device
+        self.value_head.to(self.device)
+        trainable = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5)
+        self.num_iterations = self._count_iterations()
+        total_steps = self.num_iterations * config.num_ppo_epochs * config.num_mini_batches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.kl_controller = core.make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.iteration, self.episode, self.history = 0, 0, []
+        self.model.eval()  # dropout off in every pass, including the update
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+    def _count_iterations(self) -> int:
+        config = self.config
+        if config.num_iterations is not None:
+            return config.num_iterations
+        episodes = config.total_episodes or len(self.prompts)
+        return max(1, math.ceil(episodes / (config.rollout_batch_size * self.accelerator.num_processes)))
+
+    def _prompt_batch(self, iteration: int) -> list[dict]:
+        """The prompts of one iteration: a seeded pass-by-pass shuffle, so a resumed run sees the same ones."""
+        size = self.config.rollout_batch_size
+        rows = []
+        start = (iteration * self.accelerator.num_processes + self.accelerator.process_index) * size
+        for position in range(start, start + size):
+            epoch, index = divmod(position, len(self.prompts))
+            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed + epoch))
+            rows.append(self.prompts[int(order[index])])
+        return rows
+
+    # ---- forward passes of each role ----------------------------------------------------------
+    @property
+    def unwrapped(self) -> PeftModel:
+        """The PeftModel under accelerate's wrapper: adapters are switched on it, forwards go through the wrapper."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def _logits(self, adapter: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with active_adapter(self.unwrapped, adapter):
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+                use_cache=False,
+            ).logits
+
+    def _values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
+        """V(s_t) for each response token t: the value head on the hidden state at position t − 1."""
+        with active_adapter(self.unwrapped, VALUE):
+            hidden = decoder_stack(self.unwrapped)(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
+        return self.value_head(hidden[:, response_start - 1 : -1]).float()
+
+    def _micro_batches(self, size: int) -> list[slice]:
+        micro = max(
+            1, self.config.rollout_batch_size // self.config.num_mini_batches // self.config.gradient_accumulation_steps
+        )
+        return [slice(start, min(start + micro, size)) for start in range(0, size, micro)]
+
+    # ---- rollout ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, rows: Sequence[dict]) -> Rollout:
+        config, tokenizer = self.config, self.tokenizer
+        prompts = [row["prompt"] for row in rows]
+        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            query = tokenizer(
+                render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False
+            )
+        finally:
+            tokenizer.padding_side = padding_side
+        query_ids, query_mask = query["input_ids"].to(self.device), query["attention_mask"].to(self.device)
+        with active_adapter(self.unwrapped, POLICY):
+            generated = self.unwrapped.generate(
+                input_ids=query_ids,
+                attention_mask=query_mask,
+                do_sample=True,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                top_k=0,
+                max_new_tokens=config.max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+        response_ids, response_mask, contains_eos = core.truncate_after_eos(
+            generated[:, query_ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        start = query_ids.shape[1]
+        input_ids = torch.cat([query_ids, response_ids], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        logprobs, reference_logprobs, values = [], [], []
+        for part in self._micro_batches(len(rows)):
+            ids, mask = input_ids[part], attention_mask[part]
+            logprobs.append(core.response_logprobs(self._logits(POLICY, ids, mask), ids, start, config.temperature))
+            reference_logprobs.append(
+                core.response_logprobs(self._logits(REFERENCE, ids, mask), ids, start, config.temperature)
+            )
+            values.append(self._values(ids, mask, start))
+        responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        raw_scores = self.reward(prompts, responses).to(self.device)
+        scores = raw_scores
+        if config.normalize_reward and self.reward_stats:
+            scores = core.normalize_scores(
+                scores, self.reward_stats["mean"], self.reward_stats["std"], config.reward_clip
+            )
+        elif config.reward_clip is not None:
+            scores = scores.clamp(-config.reward_clip, config.reward_clip)
+        scores = core.apply_missing_eos_penalty(scores, contains_eos, config.missing_eos_penalty)
+        gold = [
+            bool(resolve_checker(row["checker"])(text, row["reference"]))
+            if row.get("checker") and row.get("reference")
+            else None
+            for row, text in zip(rows, responses, strict=True)
+        ]
+        return Rollout(
+            query_ids, query_mask, response_ids, response_mask, contains_eos,
+            torch.cat(logprobs), torch.cat(reference_logprobs), torch.cat(values),
+            scores, raw_scores, responses, prompts, gold,
+        )  # fmt: skip
+
+    # ---- update -------------------------------------------------------------------------------
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """Rewards → GAE → num_ppo_epochs passes of clipped policy and value updates over mini-batches."""
+        config = self.config
+        mask = rollout.response_mask
+        kl = core.kl_penalty(rollout.logprobs, rollout.reference_logprobs, config.kl_estimator)
+        kl_coef = self.kl_controller.value
+        rewards = core.per_token_rewards(rollout.scores, kl, kl_coef, mask)
+        advantages, returns = core.compute_gae(rewards, rollout.values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = core.masked_whiten(advantages, mask)
+
+        input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
+        batch_size = len(rollout.responses)
+        mini_batch_size = batch_size // config.num_mini_batches
+        stats: dict[str, list[float]] = defaultdict(list)
+        for _ in range(config.num_ppo_epochs):
+            order = torch.randperm(batch_size, generator=self._update_generator)
+            for first in range(0, batch_size, mini_batch_size):
+                mini_batch = order[first : first + mini_batch_size]
+                self.optimizer.zero_grad(set_to_none=True)
+                micro_parts = self._micro_batches(len(mini_batch))
+                for part in micro_parts:
+                    rows = mini_batch[part].to(self.device)
+                    ids, row_mask, response_mask = input_ids[rows], attention_mask[rows], mask[rows]
+                    logits = self._logits(POLICY, ids, row_mask)
+                    new_logprobs = core.response_logprobs(logits, ids, start, config.temperature)
+                    entropy = core.masked_mean(
+                        core.entropy_from_logits(logits[:, start - 1 : -1], config.temperature), response_mask
+                    )
+                    new_values = self._values(ids, row_mask, start)
+                    policy_loss, approxkl, clipfrac = core.policy_loss(
+                        new_logprobs, rollout.logprobs[rows], advantages[rows], response_mask, config.cliprange
+                    )
+                    value_loss, value_clipfrac = core.value_loss(
+                        new_values, rollout.values[rows], returns[rows], response_mask, config.cliprange_value
+                    )
+                    loss = policy_loss + config.vf_coef * value_loss - config.entropy_coef * entropy
+                    if config.ptx_coef > 0 and self.ptx_batches is not None:
+                        ptx = self.ptx_batches(len(rows))
+                        with active_adapter(self.unwrapped, POLICY):
+                            ptx_loss = self.model(**{k: v.to(self.device) for k, v in ptx.items()}).loss
+                        loss = loss + config.ptx_coef * ptx_loss
+                        stats["loss/ptx_avg"].append(ptx_loss.item())
+                    self.accelerator.backward(loss / len(micro_parts))
+                    stats["loss/policy_avg"].append(policy_loss.item())
+                    stats["loss/value_avg"].append(value_loss.item())
+                    stats["policy/approxkl_avg"].append(approxkl.item())
+                    stats["policy/clipfrac_avg"].append(clipfrac.item())
+                    stats["policy/entropy_avg"].append(entropy.item())
+                    stats["val/clipfrac_avg"].append(value_clipfrac.item())
+                    ratio = torch.exp(new_logprobs - rollout.logprobs[rows])
+                    stats["val/ratio"].append(core.masked_mean(ratio, response_mask).item())
+                if config.max_grad_norm is not None:
+                    params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                    self.accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+
+        sequence_kl = (kl * mask).sum(1)
+        non_score_reward = (-kl_coef * kl * mask).sum(1)
+        metrics = {key: float(np.mean(values)) for key, values in stats.items()}
+        metrics |= {
+            "objective/kl": sequence_kl.mean().item(),
+            "objective/entropy": (-rollout.logprobs * mask).sum(1).mean().item(),
+            "objective/non_score_reward": non_score_reward.mean().item(),
+            "objective/rlhf_reward": (rollout.scores + non_score_reward).mean().item(),
+            "objective/scores": rollout.scores.mean().item(),
+            "objective/raw_scores": rollout.raw_scores.mean().item(),
+            "val/explained_variance": core.explained_variance(rollout.values, returns, mask).item(),
+            "val/num_eos_tokens": float(rollout.contains_eos.sum().item()),
+            "val/mean_response_length": mask.sum(1).float().mean().item(),
+            "kl_coef": kl_coef,
+        }
+        self.kl_controller.update(sequence_kl.mean().item(), batch_size * self.accelerator.num_processes)
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self, on_iteration: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Runs the remaining iterations (all of them, or those after the last checkpoint)."""
+        self._update_generator = torch.Generator().manual_seed(self.seed)
+        self.load_checkpoint()
+        config = self.config
+        progress = tqdm(
+            range(self.iteration, self.num_iterations), desc="ppo", initial=self.iteration, total=self.num_iterations
+        )
+        for iteration in progress:
+            rows = self._prompt_batch(iteration)
+            started = time.monotonic()
+            rollout = self.rollout(rows)
+            rollout_seconds = time.monotonic() - started
+            started = time.monotonic()
+            metrics = self.update(rollout)
+            update_seconds = time.monotonic() - started
+            self.iteration = iteration + 1
+            self.episode += len(rows) * self.accelerator.num_processes
+            response_tokens = rollout.response_mask.sum().item()
+            all_tokens = rollout.attention_mask.sum().item()
+            metrics |= {
+                "episode": self.episode,
+                "iteration": self.iteration,
+                "lr": self.scheduler.get_last_lr()[0],
+                "time/rollout_s": rollout_seconds,
+                "time/update_s": update_seconds,
+                "tokens_per_second/rollout": response_tokens / max(rollout_seconds, 1e-9),
+                "tokens_per_second/train": all_tokens * config.num_ppo_epochs / max(update_seconds, 1e-9),
+            }
+            checked = [value for value in rollout.gold if value is not None]
+            if checked:
+                metrics["objective/gold_accuracy"] = sum(checked) / len(checked)
+            self.history.append(metrics)
+            if self.iteration % config.logging_steps == 0:
+                self.tracker.log(metrics, step=self.iteration)
+            if config.sample_table_steps and (self.iteration % config.sample_table_steps == 0 or self.iteration == 1):
+                self.log_samples(rollout)
+            if on_iteration is not None:
+                on_iteration(self.iteration, metrics)
+            if config.save_steps and self.iteration % config.save_steps == 0 and self.iteration < self.num_iterations:
+                self.save_checkpoint()
+            progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        return self.history
+
+    def log_samples(self, rollout: Rollout) -> None:
+        rows = [
+            [prompt[-1]["content"], response, score, gold]
+            for prompt, response, score, gold in zip(
+                rollout.prompts, rollout.responses, rollout.scores.tolist(), rollout.gold, strict=True
+            )
+        ][:16]
+        self.tracker.table("samples", ["prompt", "response", "score", "gold_correct"], rows, step=self.iteration)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {name: p.detach().cpu().clone() for name, p in self.unwrapped.named_parameters() if p.requires_grad}
+        state |= {f"value_head.{name}": p.detach().cpu().clone() for name, p in self.value_head.state_dict().items()}
+        return state
+
+    def save_checkpoint(self) -> Path:
+        """Everything needed to continue exactly: trainable weights, optimiser, scheduler, KL
+        controller, random generators, counters and history, written atomically."""
+        if not self.accelerator.is_main_process:
+            return self.work_dir / CHECKPOINT
+        state = {
+            "iteration": self.iteration,
+            "episode": self.episode,
+            "history": self.history,
+            "trainable": self.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "update": self._update_generator.get_state(),
+            },
+        }
+        path = self.work_dir / CHECKPOINT
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self) -> bool:
+        path = self.work_dir / CHECKPOINT
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        parameters = dict(self.unwrapped.named_parameters())
+        head_state = {}
+        for name, tensor in state["trainable"].items():
+            if name.startswith("value_head."):
+                head_state[name.removeprefix("value_head.")] = tensor
+            else:
+                parameters[name].data.copy_(tensor.to(parameters[name].device))
+        self.value_head.load_state_dict(head_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._update_generator.set_state(rng["update"])
+        self.iteration, self.episode, self.history = state["iteration"], state["episode"], state["history"]
+        print(f"ppo: resumed from {path} at iteration {self.iteration}/{self.num_iterations}")
+        return True

@@ -1,0 +1,349 @@
+"""Reward model (`type: reward`) on TRL's RewardTrainer: a LoRA adapter and a scalar head on the quantized base.
+
+The loss is Bradley-Terry on preference pairs (minus a per-pair `margin` when the data has one, plus
+RewardConfig's optional `center_rewards_coefficient` term). `init_from` starts from an earlier
+stage's adapter (InstructGPT starts the reward model from the SFT model); without it, from the base.
+
+Training runs on the sequence-classification form of the base (same decoder stack, same adapter
+paths, a `score` layer on the last token). The output is a causal-LM adapter plus
+`score_head.safetensors`, which `alignment.models.heads.load_reward_role` puts onto the one base
+that PPO shares between its roles. After training: pairwise accuracy, margin and the reward
+distributions on the held-out pairs, and the reward mean and standard deviation over the training
+prompts (`reward_stats.json`), which PPO uses to normalise rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
+from alignment.io import write_json
+from alignment.models.heads import (
+    REWARD_STATS_FILE,
+    SCORE_HEAD_FILE,
+    ScalarHead,
+    encode_conversations,
+    read_reward_stats,
+    save_scalar_head,
+)
+from alignment.models.loading import (
+    device_map,
+    keep_cpu_4bit_exact,
+    load_tokenizer,
+    lora_config,
+    quantization_config,
+    resolve_model_path,
+    torch_dtype,
+)
+from alignment.recipes.schema import Recipe, StageSpec
+from alignment.stages.base import Stage, register
+from alignment.stages.common import last_checkpoint, match_adapter_dtype, trainer_columns
+from alignment.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+PAIR_FIELDS = ["prompt", "chosen", "rejected", "margin"]
+PAIR_REWARDS_FILE = "pair_rewards.json"  # held-out pairs' rewards by split, in the split's order
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+SCORE_MODULE = "score"  # the classification head of AutoModelForSequenceClassification
+HEAD_MODULES = ("lm_head", *SEQ_CLS_HEAD_NAMES)  # heads of one model form or the other, never in the adapter
+PAIR_TABLE_COLUMNS = ["prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "correct"]
+
+
+@dataclass
+class RewardEvalConfig:
+    """Scoring after training: held-out pairs (metrics, histograms, a table) and reward statistics."""
+
+    batch_size: int = 32
+    table_rows: int = 64  # held-out pairs logged to W&B with both rewards
+    stats_pairs: int = 1024  # training pairs whose two responses give PPO's reward mean and std (0: all)
+
+
+@dataclass
+class RewardStageSpec(StageSpec):
+    init_from: str | None = None  # start from an earlier stage's adapter (the SFT model) instead of the base
+    evaluation: RewardEvalConfig = field(default_factory=RewardEvalConfig)
+
+    def depends_on(self) -> list[str]:
+        return [self.init_from] if self.init_from else []
+
+
+# --- The model trained ------------------------------------------------------------------------
+
+
+def load_sequence_classifier(recipe: Recipe, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """The base as a one-label classifier, quantized like every other stage's base."""
+    config = recipe.model
+    kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    with suppress_seqcls_warning():  # a fresh `score` and an unused `lm_head` are expected
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(config),
+            num_labels=1,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            dtype=torch_dtype(config.dtype),
+            quantization_config=quantization_config(config),
+            device_map=device_map(),
+            **kwargs,
+        )
+    if config.quantization.mode != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_cpu_4bit_exact(model)
+    model.config.use_cache = False
+    return model
+
+
+def reward_lora_config(recipe: Recipe, init_dir: Path | None) -> LoraConfig:
+    """The recipe's LoRA (or the init stage's, to load its weights) with the score head trained in full."""
+    config = LoraConfig.from_pretrained(str(init_dir)) if init_dir is not None else lora_config(recipe.lora)
+    config.task_type, config.inference_mode = "SEQ_CLS", False
+    kept = [name for name in config.modules_to_save or [] if name not in HEAD_MODULES]
+    config.modules_to_save = [*kept, SCORE_MODULE]
+    return config
+
+
+def load_init_weights(model: PeftModel, init_dir: Path) -> None:
+    """Copies an earlier stage's adapter weights into the new adapter; every LoRA weight must be found.
+
+    The score head keeps its fresh weights (a causal-LM stage has none to give).
+    """
+    saved = {key: value for key, value in load_file(str(init_dir / ADAPTER_WEIGHTS)).items() if ".lm_head." not in key}
+    current = get_peft_model_state_dict(model)
+    missing = [key for key in current if "lora_" in key and key not in saved]
+    unexpected = [key for key in saved if key not in current]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"init_from {init_dir}: its adapter does not fit the reward model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); was it trained on the same base with the same LoRA target modules?"
+        )
+    set_peft_model_state_dict(model, {**current, **saved})
+
+
+def check_last_tokens(dataset: Dataset, pad_token_id: int, name: str) -> None:
+    """The classifier pools the rightmost non-pad token; a sequence ending in the pad token would be misread."""
+    for batch in dataset.select_columns(["chosen_ids", "rejected_ids"]).iter(batch_size=1024):
+        for ids in batch["chosen_ids"] + batch["rejected_ids"]:
+            if ids and ids[-1] == pad_token_id:
+                raise ValueError(
+                    f"{name}: a tokenized pair ends with the pad token (id {pad_token_id}), so its reward would be "
+                    "read at the wrong token; use a chat template that ends turns differently or a tokenizer whose "
+                    "pad token differs from its end-of-turn token"
+                )
+
+
+# --- Saving -------------------------------------------------------------------------------------
+
+
+def save_reward_model(trainer: RewardTrainer, tokenizer: PreTrainedTokenizerBase, output_dir: Path) -> None:
+    """Saves the adapter as a causal-LM adapter and the trained `score` layer as `score_head.safetensors`.
+
+    Split that way, the adapter loads as one more named adapter onto the causal-LM base that PPO
+    shares, and the head is a plain (hidden → 1) linear layer beside it.
+    """
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    if not trainer.is_world_process_zero():
+        return
+    weights = load_file(str(output_dir / ADAPTER_WEIGHTS))
+    head_keys = {key: value for key, value in weights.items() if key.split(".")[-2] == SCORE_MODULE}
+    if not any(key.endswith(".weight") for key in head_keys):
+        raise RuntimeError(f"the saved adapter holds no trained '{SCORE_MODULE}' layer (keys: {list(weights)[:5]})")
+    head_weights = {key.split(".")[-1]: value for key, value in head_keys.items()}
+    head = ScalarHead(head_weights["weight"].shape[-1], bias="bias" in head_weights, dtype=head_weights["weight"].dtype)
+    head.load_state_dict(head_weights)
+    save_scalar_head(head, output_dir)
+    save_file(
+        {k: v for k, v in weights.items() if k not in head_keys}, str(output_dir / ADAPTER_WEIGHTS), {"format": "pt"}
+    )
+    config_path = output_dir / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    kept = [name for name in config.get("modules_to_save") or [] if name not in HEAD_MODULES]
+    config.update(task_type="CAUSAL_LM", modules_to_save=kept or None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# --- Evaluation ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def classifier_rewards(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]], batch_size: int
+) -> list[float]:
+    """Rewards from the trained classifier's own forward pass, on batches laid out as TRL's collator lays them.
+
+    These are the scores "right after training"; PPO's read-out (`alignment.models.heads`) of the
+    saved adapter and head gives the same numbers (tests/test_reward.py checks it).
+    """
+    was_training = model.training
+    model.eval()
+    rewards: list[float] = []
+    try:
+        for start in range(0, len(conversations), batch_size):
+            batch = encode_conversations(tokenizer, conversations[start : start + batch_size], padding_side="right")
+            batch = {key: value.to(model.device) for key, value in batch.items()}
+            rewards += model(**batch, use_cache=False).logits.squeeze(-1).float().tolist()
+    finally:
+        model.train(was_training)
+    return rewards
+
+
+def score_pairs(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, pairs: Dataset, batch_size: int
+) -> tuple[list[float], list[float]]:
+    """Rewards of each pair's chosen and of its rejected conversation."""
+    chosen = [example["prompt"] + example["chosen"] for example in pairs]
+    rejected = [example["prompt"] + example["rejected"] for example in pairs]
+    return (
+        classifier_rewards(model, tokenizer, chosen, batch_size),
+        classifier_rewards(model, tokenizer, rejected, batch_size),
+    )
+
+
+def pair_metrics(chosen: list[float], rejected: list[float], groups: list[str], prefix: str) -> dict[str, float]:
+    """Pairwise accuracy, margin, loss and mean rewards; accuracy also per group (toy task family)."""
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    metrics = {
+        f"{prefix}/pairwise_accuracy": sum(margin > 0 for margin in margins) / len(margins),
+        f"{prefix}/mean_margin": sum(margins) / len(margins),
+        f"{prefix}/loss": -torch.nn.functional.logsigmoid(torch.tensor(margins, dtype=torch.float64)).mean().item(),
+        f"{prefix}/reward_chosen_mean": sum(chosen) / len(chosen),
+        f"{prefix}/reward_rejected_mean": sum(rejected) / len(rejected),
+        f"{prefix}/num_pairs": len(margins),
+    }
+    by_group: dict[str, list[bool]] = {}
+    for group, margin in zip(groups, margins, strict=True):
+        if group:
+            by_group.setdefault(group, []).append(margin > 0)
+    for group, hits in sorted(by_group.items()):
+        metrics[f"{prefix}/pairwise_accuracy/{group}"] = sum(hits) / len(hits)
+    return metrics
+
+
+def pair_table_rows(pairs: Dataset, chosen: list[float], rejected: list[float], limit: int) -> list[list[Any]]:
+    rows = []
+    for example, chosen_reward, rejected_reward in list(zip(pairs, chosen, rejected, strict=True))[:limit]:
+        prompt = "\n".join(f"{message['role']}: {message['content']}" for message in example["prompt"])
+        rows.append(
+            [
+                prompt,
+                example["chosen"][-1]["content"],
+                example["rejected"][-1]["content"],
+                chosen_reward,
+                rejected_reward,
+                chosen_reward > rejected_reward,
+            ]
+        )
+    return rows
+
+
+def reward_statistics(rewards: list[float]) -> dict[str, float]:
+    mean = sum(rewards) / len(rewards)
+    variance = sum((reward - mean) ** 2 for reward in rewards) / max(len(rewards) - 1, 1)
+    return {"mean": mean, "std": math.sqrt(variance), "count": len(rewards)}
+
+
+# --- The stage ------------------------------------------------------------------------------------
+
+
+@register
+class RewardStage(Stage):
+    type = "reward"
+    spec_class = RewardStageSpec
+    args_class = RewardConfig
+
+    def run(self, output_dir: Path, tracker: Tracker) -> dict[str, Any]:
+        recipe, spec = self.recipe, self.spec
+        tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
+        args = self.trl_args(tracker)
+        data = build_stage_data(spec.data, "preference", self.seed, tokenizer, args.max_length)
+        splits = {name: with_margins(split) for name, split in data.splits.items()}
+
+        init = self.require_stage(spec.init_from) if spec.init_from else None
+        set_seed(args.seed)  # the score layer starts from random weights
+        model = load_sequence_classifier(recipe, args.gradient_checkpointing)
+        model = get_peft_model(model, reward_lora_config(recipe, init))
+
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=trainer_columns(splits[TRAIN], PAIR_FIELDS),
+            eval_dataset=trainer_columns(splits.get(EVAL), PAIR_FIELDS),
+            processing_class=tokenizer,
+        )
+        match_adapter_dtype(trainer.model, recipe.model)
+        if init is not None:  # loaded after TRL's bfloat16 cast, so a float32 recipe starts exactly at the SFT adapter
+            load_init_weights(trainer.model, init)
+        check_last_tokens(trainer.train_dataset, tokenizer.pad_token_id, "training pairs")
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(self.work_dir))
+        metrics = {"train/loss": result.training_loss, "train/runtime_s": result.metrics["train_runtime"]}
+        metrics |= data.metrics()
+
+        save_reward_model(trainer, tokenizer, output_dir)
+        write_json(output_dir / "log_history.json", trainer.state.log_history)
+
+        batch_size, pair_rewards = spec.evaluation.batch_size, {}
+        for name in (EVAL, EVAL_HELD_OUT):
+            if name not in splits:
+                continue
+            chosen, rejected = score_pairs(trainer.model, tokenizer, splits[name], batch_size)
+            pair_rewards[name] = {"chosen": chosen, "rejected": rejected}
+            metrics |= pair_metrics(chosen, rejected, splits[name]["group"], name)
+            tracker.histogram(f"{name}/reward_chosen", chosen)
+            tracker.histogram(f"{name}/reward_rejected", rejected)
+            rows = pair_table_rows(splits[name], chosen, rejected, spec.evaluation.table_rows)
+            tracker.table(f"{name}/pairs", PAIR_TABLE_COLUMNS, rows)
+        write_json(output_dir / PAIR_REWARDS_FILE, pair_rewards)
+
+        stats_pairs = sample_rows(splits[TRAIN], spec.evaluation.stats_pairs, self.seed)
+        chosen, rejected = score_pairs(trainer.model, tokenizer, stats_pairs, batch_size)
+        stats = reward_statistics(chosen + rejected)
+        write_json(output_dir / REWARD_STATS_FILE, stats)
+        metrics |= {f"reward_stats/{key}": value for key, value in stats.items()}
+        tracker.log(metrics)
+        return metrics
+
+
+def with_margins(split: Dataset) -> Dataset:
+    """Rows without a margin (from another dataset of the mixture) get margin 0, the plain loss."""
+    if "margin" not in split.column_names:
+        return split
+    return split.map(lambda row: {"margin": 0.0 if row["margin"] is None else float(row["margin"])})
+
+
+def sample_rows(split: Dataset, count: int, seed: int) -> Dataset:
+    if count <= 0 or count >= len(split):
+        return split
+    return split.select(sorted(random.Random(f"{seed}:reward-stats").sample(range(len(split)), count)))
+
+
+__all__ = [
+    "PAIR_REWARDS_FILE",
+    "REWARD_STATS_FILE",
+    "SCORE_HEAD_FILE",
+    "RewardEvalConfig",
+    "RewardStage",
+    "RewardStageSpec",
+    "read_reward_stats",
+]

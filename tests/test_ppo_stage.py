@@ -1,0 +1,293 @@
+"""The PPO stage on the embedded tiny model: the four roles on one 4-bit base, step-0 sanity,
+role isolation against the SFT and reward stages loaded alone, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import yaml
+
+from alignment.data.build import TRAIN, build_stage_data
+from alignment.models.heads import load_reward_role, score_conversations
+from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer
+from alignment.ppo import core
+from alignment.ppo.trainer import POLICY, REFERENCE, PPOTrainer
+from alignment.recipes.load import validate_recipe
+from alignment.runner import make_stage, run_recipe
+from alignment.tracking import Tracker
+
+from conftest import ROOT
+
+TOY_DATA = {"datasets": [{"toy": {"rows": 600}, "held_out_templates": 1}], "eval_split": 0.1}
+COMMON_ARGS = {
+    "per_device_train_batch_size": 16,
+    "learning_rate": 3e-3,
+    "activation_checkpointing": False,
+    "max_length": 96,
+    "save_strategy": "no",
+    "logging_steps": 5,
+}
+
+
+def pipeline(output_dir: Path, ppo_args: dict | None = None) -> dict:
+    return {
+        "name": "ppo-test",
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {
+            "name_or_path": "toy",
+            "dtype": "float32",
+            "quantization": {"mode": "4bit", "compute_dtype": "float32"},
+        },
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "chat_template": "chatml",
+        "tracking": {"mode": "disabled"},
+        "stages": [
+            {
+                "name": "sft",
+                "type": "sft",
+                "data": TOY_DATA,
+                "evaluation": {"num_prompts": 0},
+                "args": {**COMMON_ARGS, "max_steps": 10},
+            },
+            {
+                "name": "reward",
+                "type": "reward",
+                "init_from": "sft",
+                "data": TOY_DATA,
+                "args": {**COMMON_ARGS, "max_steps": 10},
+            },
+            {
+                "name": "ppo",
+                "type": "ppo",
+                "policy_from": "sft",
+                "reward_from": "reward",
+                "data": TOY_DATA,
+                "evaluation": {"num_prompts": 16, "max_new_tokens": 8},
+                "args": {
+                    "num_iterations": 2,
+                    "rollout_batch_size": 8,
+                    "num_mini_batches": 2,
+                    "num_ppo_epochs": 2,
+                    "learning_rate": 1e-3,
+                    "max_new_tokens": 8,
+                    "save_steps": 1,
+                    **(ppo_args or {}),
+                },
+            },
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """SFT → reward → PPO (2 iterations), run once for the tests of this module."""
+    output_dir = tmp_path_factory.mktemp("ppo") / "run"
+    recipe = validate_recipe(pipeline(output_dir))
+    run_recipe(recipe)
+    return recipe, output_dir
+
+
+def roles_of(recipe):
+    """The PPO stage of `recipe`, its tokenizer and prompt data, and its four roles on a fresh base."""
+    stage = make_stage(recipe, recipe.stage("ppo"))
+    tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
+    data = build_stage_data(recipe.stage("ppo").data, "prompt", 0, tokenizer)
+    return stage, tokenizer, data, stage.build_roles(tokenizer, data)
+
+
+def fixed_batch(tokenizer, texts=("Reverse the string abc.", "What is 2+3?")) -> dict[str, torch.Tensor]:
+    conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": "cba"}] for text in texts]
+    tokenizer.padding_side = "right"
+    encoded = tokenizer.apply_chat_template(
+        conversations, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
+    )
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def sequence_logprobs(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(**batch, position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits
+    return core.response_logprobs(logits, batch["input_ids"], 1) * batch["attention_mask"][:, 1:]
+
+
+def test_ppo_writes_policy_adapter_metrics_and_manifest(trained):
+    _, output_dir = trained
+    stage = output_dir / "ppo"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and set(manifest["inputs"]["stages"]) == {"sft", "reward"}
+    assert (stage / "adapter_model.safetensors").exists() and (stage / "adapters" / "value" / "value_head.pt").exists()
+    metrics = json.loads((stage / "metrics.json").read_text())
+    for key in (
+        "objective/kl",
+        "objective/entropy",
+        "objective/scores",
+        "objective/rlhf_reward",
+        "objective/non_score_reward",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "val/explained_variance",
+        "val/num_eos_tokens",
+        "kl_coef",
+        "lr",
+        "episode",
+        "time/rollout_s",
+        "tokens_per_second/rollout",
+        "objective/gold_accuracy",
+    ):
+        assert f"train/{key}" in metrics, key
+    assert metrics["train/episode"] == 16
+    assert "eval/exact_match" in metrics and "eval_initial/exact_match" in metrics and "eval/reward_score" in metrics
+    history = json.loads((stage / "log_history.json").read_text())
+    assert [row["iteration"] for row in history] == [1, 2]
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 0
+
+
+def test_roles_share_one_base_and_frozen_roles_do_not_move(trained):
+    recipe, output_dir = trained
+    stage, tokenizer, data, (model, value_head, reward, _) = roles_of(recipe)
+    assert set(model.peft_config) == {"policy", "reference", "reward", "value"}
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    single = load_base_model(recipe.model)
+    assert len(four_bit) == len([m for m in single.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 28
+    assert len({m.weight.data_ptr() for m in four_bit}) == 28  # one copy of the quantized weights
+
+    batch = fixed_batch(tokenizer)
+    config = stage.args_class(**{**recipe.stage("ppo").args, "num_iterations": 2})
+    trainer = PPOTrainer(
+        config,
+        model,
+        value_head,
+        reward,
+        tokenizer,
+        data.splits[TRAIN],
+        output_dir / "isolation-work",
+        Tracker.disabled(),
+        seed=0,
+    )
+    with torch.no_grad():
+        from alignment.models.heads import active_adapter
+
+        with active_adapter(model, REFERENCE):
+            reference_before = sequence_logprobs(model, batch)
+        with active_adapter(model, POLICY):
+            policy_before = sequence_logprobs(model, batch)
+    rewards_before = reward([[{"role": "user", "content": "What is 2+3?"}]] * 2, ["5", "6"])
+    assert torch.equal(reference_before, policy_before)  # the policy starts as the SFT adapter
+    trainer.train()
+
+    with active_adapter(model, REFERENCE):
+        reference_after = sequence_logprobs(model, batch)
+    with active_adapter(model, POLICY):
+        policy_after = sequence_logprobs(model, batch)
+    rewards_after = reward([[{"role": "user", "content": "What is 2+3?"}]] * 2, ["5", "6"])
+    assert torch.equal(reference_after, reference_before) and torch.equal(rewards_after, rewards_before)
+    assert not torch.allclose(policy_after, policy_before)  # the policy did move
+
+    # The reference equals the SFT stage loaded on its own, and the reward the reward stage.
+    sft_alone = attach_adapter(load_base_model(recipe.model), "default", from_path=output_dir / "sft", trainable=False)
+    torch.testing.assert_close(sequence_logprobs(sft_alone, batch), reference_after, atol=1e-5, rtol=1e-5)
+    reward_model, reward_head = load_reward_role(load_base_model(recipe.model), output_dir / "reward")
+    alone = score_conversations(
+        reward_model,
+        reward_head,
+        tokenizer,
+        [[{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": a}] for a in ("5", "6")],
+        adapter="reward",
+    )
+    torch.testing.assert_close(torch.tensor(alone), rewards_after.cpu(), atol=1e-4, rtol=1e-4)
+
+
+def test_step_zero_sanity_ratio_one_kl_zero(trained):
+    recipe, output_dir = trained
+    stage, tokenizer, data, (model, value_head, reward, stats) = roles_of(recipe)
+    config = stage.args_class(**recipe.stage("ppo").args)
+    trainer = PPOTrainer(
+        config,
+        model,
+        value_head,
+        reward,
+        tokenizer,
+        data.splits[TRAIN],
+        output_dir / "sanity-work",
+        Tracker.disabled(),
+        reward_stats=stats,
+        seed=0,
+    )
+    rollout = trainer.rollout(trainer._prompt_batch(0))
+    kl = core.kl_penalty(rollout.logprobs, rollout.reference_logprobs, "k1")
+    assert torch.equal(kl * rollout.response_mask, torch.zeros_like(kl))
+    half = slice(0, 4)  # the first mini-batch, recomputed as the update does
+    ids, mask = rollout.input_ids[half], rollout.attention_mask[half]
+    new_logprobs = core.response_logprobs(
+        trainer._logits(POLICY, ids, mask), ids, rollout.query_ids.shape[1], config.temperature
+    )
+    advantages = torch.randn_like(new_logprobs)
+    _, approxkl, clipfrac = core.policy_loss(
+        new_logprobs, rollout.logprobs[half], advantages, rollout.response_mask[half], config.cliprange
+    )
+    ratio = torch.exp(new_logprobs - rollout.logprobs[half])[rollout.response_mask[half].bool()]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    assert approxkl.item() < 1e-10 and clipfrac.item() == 0.0
+
+
+def run_ppo_stage(run_dir: Path, recipe_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "alignment", "run", str(recipe_path), "--stages", "ppo"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_path):
+    _, prepared = trained
+    logs = {}
+    for name in ("straight", "killed"):
+        run_dir = tmp_path / name
+        for stage in ("sft", "reward"):
+            shutil.copytree(prepared / stage, run_dir / stage)
+        recipe_path = tmp_path / f"{name}.yaml"
+        recipe_path.write_text(yaml.safe_dump(pipeline(run_dir, {"num_iterations": 6, "save_steps": 2})))
+        if name == "killed":
+            process = run_ppo_stage(run_dir, recipe_path)
+            checkpoint = run_dir / ".work" / "ppo" / "ppo_checkpoint.pt"
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and process.poll() is None:
+                if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["iteration"] >= 2:
+                    break
+                time.sleep(0.2)
+            assert process.poll() is None, "the run ended before it could be killed"
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            assert not (run_dir / "ppo").exists()  # no half-written output
+        finished = run_ppo_stage(run_dir, recipe_path)
+        output, _ = finished.communicate(timeout=900)
+        assert finished.returncode == 0, output[-3000:]
+        if name == "killed":
+            assert "resumed from" in output
+        logs[name] = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert (
+        [row["iteration"] for row in logs["killed"]]
+        == [row["iteration"] for row in logs["straight"]]
+        == [1, 2, 3, 4, 5, 6]
+    )
+    for straight, resumed in zip(logs["straight"], logs["killed"], strict=True):
+        for key, value in straight.items():
+            if not key.startswith(("time/", "tokens_per_second/")):
+                assert resumed[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (straight["iteration"], key)

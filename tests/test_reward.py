@@ -1,0 +1,264 @@
+"""The reward stage on a real pre-trained checkpoint (stories260k in 4-bit NF4) and real HH-RLHF pairs.
+
+A short SFT stage first, then the reward stage from its adapter; then the saved adapter and head go
+onto a second adapter slot of one causal-LM base and must score the held-out pairs as the trained
+classifier did, whatever the padding side or the batch. The toy suite's accuracy run is `slow`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from alignment import cli
+from alignment.data.build import EVAL, build_stage_data
+from alignment.data.loading import DataError
+from alignment.models.heads import (
+    SCORE_HEAD_FILE,
+    encode_conversations,
+    load_reward_role,
+    read_reward_stats,
+    score_conversations,
+    sequence_scores,
+)
+from alignment.models.loading import attach_adapter, load_base_model
+from alignment.recipes.load import load_recipe, validate_recipe
+from alignment.runner import run_recipe
+from alignment.stages.reward import PAIR_REWARDS_FILE, load_init_weights, load_sequence_classifier, reward_lora_config
+from alignment.tracking import read_offline_run
+
+from conftest import ROOT, SHARED, STORIES, need_shared
+
+HH = SHARED / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
+REWARD_STEPS = 6
+
+
+def stories_recipe(output_dir: Path, data_path: str = str(HH)) -> dict:
+    hh = {"path": data_path, "format": "implicit_preference"}
+    common_args = {
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "max_length": 256,
+        "activation_checkpointing": False,
+        "save_strategy": "no",
+        "report_to": "none",
+    }
+    return {
+        "name": "stories-reward",
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {
+            "name_or_path": str(STORIES),
+            "dtype": "float32",
+            "quantization": {"mode": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"},
+        },
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "chat_template": "alpaca",
+        "tracking": {"project": "alignment-tests", "mode": "offline", "tags": ["test"]},
+        "stages": [
+            {
+                "name": "sft",
+                "type": "sft",
+                "data": {"datasets": [{**hh, "max_rows": 40}], "on_bad_rows": "drop"},
+                "evaluation": {"num_prompts": 0},
+                "args": {**common_args, "max_steps": 2},
+            },
+            {
+                "name": "reward",
+                "type": "reward",
+                "init_from": "sft",
+                # Most HH transcripts are longer than 256 stories260k tokens: 200 rows leave 60 pairs to train, 14 held out.
+                "data": {"datasets": [{**hh, "max_rows": 200}], "eval_split": 40, "on_bad_rows": "drop"},
+                "evaluation": {"batch_size": 5, "table_rows": 8, "stats_pairs": 20},
+                "args": {**common_args, "max_steps": REWARD_STEPS, "center_rewards_coefficient": 0.01},
+            },
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def stories_run(tmp_path_factory):
+    need_shared(STORIES)
+    need_shared(HH)
+    output_dir = tmp_path_factory.mktemp("stories-reward") / "run"
+    recipe = validate_recipe(stories_recipe(output_dir))
+    metrics = run_recipe(recipe)["reward"]
+    return recipe, output_dir, metrics
+
+
+@pytest.fixture(scope="module")
+def held_out_pairs(stories_run):
+    """The reward stage's held-out pairs, rebuilt exactly as the stage built them."""
+    recipe, output_dir, _ = stories_run
+    tokenizer = AutoTokenizer.from_pretrained(str(output_dir / "reward"))
+    pairs = build_stage_data(recipe.stage("reward").data, "preference", recipe.seed, tokenizer, 256).splits[EVAL]
+    return pairs, tokenizer
+
+
+@pytest.fixture(scope="module")
+def shared_base(stories_run):
+    """One causal-LM base holding the SFT adapter (the policy slot) and then the reward adapter (a second slot)."""
+    recipe, output_dir, _ = stories_run
+    model = attach_adapter(load_base_model(recipe.model), "policy", from_path=output_dir / "sft", trainable=False)
+    model, head = load_reward_role(model, output_dir / "reward", "reward")
+    model.eval()
+    return model, head
+
+
+def test_reward_stage_trains_on_hh_pairs_and_saves_adapter_head_stats(stories_run):
+    _, output_dir, metrics = stories_run
+    stage = output_dir / "reward"
+    for name in ("adapter_model.safetensors", "adapter_config.json", SCORE_HEAD_FILE, "reward_stats.json",
+                 PAIR_REWARDS_FILE, "tokenizer.json", "metrics.json", "manifest.json", "log_history.json"):  # fmt: skip
+        assert (stage / name).exists(), name
+    config = json.loads((stage / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None and config["r"] == 8
+    adapter = load_file(str(stage / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in key for key in adapter)  # the head lives in its own file
+    head = load_file(str(stage / SCORE_HEAD_FILE))
+    assert set(head) == {"weight"} and head["weight"].shape == (1, 64)
+
+    losses = [entry["loss"] for entry in json.loads((stage / "log_history.json").read_text()) if "loss" in entry]
+    assert len(losses) == REWARD_STEPS and all(loss > 0 for loss in losses)
+    assert metrics["data/eval_rows"] == metrics["eval/num_pairs"] == 14 and metrics["data/train_rows"] == 60
+    assert metrics["data/dropped_rows"] == 240 - 60 - 14  # over-long for stories260k's context, or empty
+    for key in ("pairwise_accuracy", "mean_margin", "loss", "reward_chosen_mean", "reward_rejected_mean"):
+        assert f"eval/{key}" in metrics, key
+    assert 0.0 <= metrics["eval/pairwise_accuracy"] <= 1.0
+
+    stats = read_reward_stats(stage)
+    assert set(stats) == {"mean", "std", "count"} and stats["count"] == 40 and stats["std"] > 0
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["type"] == "reward"
+    assert manifest["inputs"]["stages"] == {"sft": str(output_dir / "sft")}
+
+
+def test_saved_adapter_and_head_on_a_second_slot_score_as_right_after_training(
+    stories_run, held_out_pairs, shared_base
+):
+    _, output_dir, _ = stories_run
+    pairs, tokenizer = held_out_pairs
+    model, head = shared_base
+    assert set(model.peft_config) == {"policy", "reward"}  # one base, two adapters
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    assert model.active_adapter == "policy"
+    assert not any(parameter.requires_grad for parameter in head.parameters())
+
+    trained = json.loads((output_dir / "reward" / PAIR_REWARDS_FILE).read_text())[EVAL]
+    chosen = score_conversations(model, head, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], adapter="reward")
+    rejected = score_conversations(
+        model, head, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], batch_size=3, adapter="reward"
+    )
+    assert chosen == pytest.approx(trained["chosen"], abs=1e-4)
+    assert rejected == pytest.approx(trained["rejected"], abs=1e-4)
+    assert model.active_adapter == "policy"  # scoring with the reward role puts the policy back
+    # The reward adapter is what makes the scores: the policy adapter under the same head scores differently.
+    policy_scores = score_conversations(model, head, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
+    assert max(abs(a - b) for a, b in zip(policy_scores, chosen, strict=True)) > 1e-3
+
+
+def test_scores_do_not_depend_on_padding_side_or_batch_composition(held_out_pairs, shared_base):
+    pairs, tokenizer = held_out_pairs
+    model, head = shared_base
+    conversations = [pair["prompt"] + pair[side] for pair in pairs.select(range(4)) for side in ("chosen", "rejected")]
+    lengths = [
+        len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in conversations
+    ]
+    assert len(set(lengths)) > 1  # the batch really is padded
+
+    def scores(batch: list[list[dict]], padding_side: str) -> torch.Tensor:
+        encoded = encode_conversations(tokenizer, batch, padding_side=padding_side)
+        with torch.no_grad():
+            return sequence_scores(model, head, encoded["input_ids"], encoded["attention_mask"], adapter="reward")
+
+    alone = torch.cat([scores([conversation], "right") for conversation in conversations])
+    assert alone.dtype == torch.float32
+    for padding_side in ("right", "left"):
+        assert torch.allclose(scores(conversations, padding_side), alone, atol=1e-4, rtol=0)
+        assert torch.allclose(scores(conversations[::-1], padding_side).flip(0), alone, atol=1e-4, rtol=0)
+        assert torch.allclose(scores(conversations[:3], padding_side), alone[:3], atol=1e-4, rtol=0)
+
+
+def test_score_command_prints_the_reward(stories_run, held_out_pairs, shared_base):
+    _, output_dir, _ = stories_run
+    model, head = shared_base
+    tokenizer = held_out_pairs[1]
+    prompt, responses = "Tell me a story about a cat.", ["Once upon a time there was a cat.", "No."]
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = cli.main(
+            ["score", str(output_dir / "reward"), "--prompt", prompt, *sum([["--response", r] for r in responses], [])]
+        )
+    assert code == 0
+    printed = [float(line.split("\t")[0]) for line in output.getvalue().splitlines()]
+    conversations = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": r}] for r in responses]
+    assert printed == pytest.approx(
+        score_conversations(model, head, tokenizer, conversations, adapter="reward"), abs=1e-5
+    )
+
+
+def test_init_from_starts_the_reward_adapter_at_the_sft_adapter(stories_run):
+    recipe, output_dir, _ = stories_run
+    from peft import get_peft_model
+
+    model = get_peft_model(load_sequence_classifier(recipe), reward_lora_config(recipe, output_dir / "sft"))
+    load_init_weights(model, output_dir / "sft")
+    saved = load_file(str(output_dir / "sft" / "adapter_model.safetensors"))
+    parameters = dict(model.named_parameters())
+    for key, value in saved.items():
+        assert torch.equal(parameters[key.replace(".weight", ".default.weight")].detach(), value), key
+    assert parameters["base_model.model.score.modules_to_save.default.weight"].requires_grad
+
+
+def test_one_offline_wandb_run_per_stage_with_metrics_histograms_and_the_pair_table(stories_run):
+    _, output_dir, metrics = stories_run
+    runs = {read_offline_run(run)["run"]["job_type"]: run for run in (output_dir / "wandb").glob("offline-run-*")}
+    assert set(runs) == {"sft", "reward"}
+    logged = read_offline_run(runs["reward"])
+    assert logged["run"]["name"] == "stories-reward/reward"
+    assert logged["summary"]["eval/pairwise_accuracy"] == pytest.approx(metrics["eval/pairwise_accuracy"])
+    assert logged["summary"]["reward_stats/std"] == pytest.approx(metrics["reward_stats/std"])
+    assert logged["summary"]["eval/reward_chosen"]["_type"] == "histogram"
+    assert logged["summary"]["eval/pairs"]["_type"] == "table-file"
+    (table_file,) = (runs["reward"] / "files" / "media" / "table").rglob("*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "correct"]
+    trained = json.loads((output_dir / "reward" / PAIR_REWARDS_FILE).read_text())[EVAL]
+    assert len(table["data"]) == 8 and [row[3] for row in table["data"]] == pytest.approx(trained["chosen"][:8])
+
+
+def test_bad_pairs_stop_the_reward_stage_naming_the_row_before_the_model_loads(tmp_path):
+    need_shared(STORIES)
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "a"},
+        {"prompt": "q", "chosen": 3, "rejected": "b"},
+    ]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(rows))
+    recipe = stories_recipe(tmp_path / "run", str(path))
+    recipe["stages"] = [{**recipe["stages"][1], "init_from": None, "data": {"datasets": [{"path": str(path)}]}}]
+    with pytest.raises(
+        DataError,
+        match=r"pairs.json: row (1: field 'rejected' is missing|2: field 'chosen' expected a string, got int)",
+    ):
+        run_recipe(validate_recipe(recipe))
+
+
+@pytest.mark.slow
+def test_toy_reward_model_tells_right_from_wrong_answers_on_held_out_pairs(tmp_path):
+    """The shipped toy recipe: SFT, then the reward stage; held-out pairwise accuracy of at least 0.9."""
+    recipe = load_recipe(ROOT / "recipes" / "toy" / "reward.yaml", [f"output_dir={tmp_path}", "tracking.mode=disabled"])
+    metrics = run_recipe(recipe)["reward"]
+    manifest = json.loads((tmp_path / "reward" / "manifest.json").read_text())
+    print(f"toy reward: accuracy {metrics['eval/pairwise_accuracy']:.3f}, stage wall time {manifest['duration_s']} s")
+    assert metrics["eval/pairwise_accuracy"] >= 0.9
+    assert metrics["eval_heldout_templates/pairwise_accuracy"] >= 0.8
