@@ -76,12 +76,16 @@ def device_map() -> dict[str, int | str] | None:
     return None
 
 
-def load_base_model(config: ModelConfig, gradient_checkpointing: bool = False) -> PreTrainedModel:
-    """The base model, quantized as the recipe says, ready for adapters (k-bit preparation done)."""
-    kwargs = {}
+def load_base_model(
+    config: ModelConfig, gradient_checkpointing: bool = False, auto_class: type = AutoModelForCausalLM, **kwargs
+) -> PreTrainedModel:
+    """The base model, quantized as the recipe says, ready for adapters (k-bit preparation done).
+
+    `auto_class` picks the head (the reward stage trains the same base as a one-label classifier).
+    """
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_class.from_pretrained(
         resolve_model_path(config),
         revision=config.revision,
         trust_remote_code=config.trust_remote_code,

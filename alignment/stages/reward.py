@@ -29,7 +29,6 @@ from peft import (
     PeftModel,
     get_peft_model,
     get_peft_model_state_dict,
-    prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
@@ -49,13 +48,9 @@ from alignment.models.heads import (
     save_scalar_head,
 )
 from alignment.models.loading import (
-    device_map,
-    keep_cpu_4bit_exact,
+    load_base_model,
     load_tokenizer,
     lora_config,
-    quantization_config,
-    resolve_model_path,
-    torch_dtype,
 )
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.stages.base import Stage, register
@@ -95,24 +90,10 @@ class RewardStageSpec(StageSpec):
 
 def load_sequence_classifier(recipe: Recipe, gradient_checkpointing: bool = False) -> PreTrainedModel:
     """The base as a one-label classifier, quantized like every other stage's base."""
-    config = recipe.model
-    kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     with suppress_seqcls_warning():  # a fresh `score` and an unused `lm_head` are expected
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(config),
-            num_labels=1,
-            revision=config.revision,
-            trust_remote_code=config.trust_remote_code,
-            dtype=torch_dtype(config.dtype),
-            quantization_config=quantization_config(config),
-            device_map=device_map(),
-            **kwargs,
+        return load_base_model(
+            recipe.model, gradient_checkpointing, auto_class=AutoModelForSequenceClassification, num_labels=1
         )
-    if config.quantization.mode != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        keep_cpu_4bit_exact(model)
-    model.config.use_cache = False
-    return model
 
 
 def reward_lora_config(recipe: Recipe, init_dir: Path | None) -> LoraConfig:
