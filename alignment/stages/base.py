@@ -104,19 +104,20 @@ class Stage:
     # ---- shared steps ----------------------------------------------------------------------
     def trl_args(self, tracker: Tracker, **stage_defaults: Any) -> Any:
         """The stage's TRL config: our defaults (folders, seed, tracking, precision), then the recipe's args."""
+        import torch
+
         from alignment.models.loading import torch_dtype
 
-        bf16 = torch_dtype(
-            self.recipe.model.quantization.compute_dtype
-            if self.recipe.model.quantization.mode != "none"
-            else self.recipe.model.dtype
+        model = self.recipe.model
+        compute_dtype = torch_dtype(
+            model.quantization.compute_dtype if model.quantization.mode != "none" else model.dtype
         )
         defaults = {
             "output_dir": str(self.work_dir),
             "seed": self.seed,
             "run_name": f"{self.recipe.name}/{self.spec.name}",
             "report_to": tracker.report_to,
-            "bf16": str(bf16) == "torch.bfloat16",
+            "bf16": compute_dtype == torch.bfloat16,
             "save_total_limit": 1,
             "logging_steps": 10,
             **stage_defaults,
