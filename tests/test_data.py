@@ -184,6 +184,21 @@ def test_mixture_weights_and_held_out_split(tmp_path):
     assert again.splits[TRAIN].to_list() == data.splits[TRAIN].to_list()  # seeded, reproducible
 
 
+
+def test_split_is_the_same_wherever_the_file_lives(tmp_path):
+    """The shuffle is seeded by the file's name, so CI and a laptop hold out the same rows."""
+    rows = [{"instruction": f"task {i}", "output": "x"} for i in range(60)]
+    splits = []
+    for folder in ("here", "elsewhere/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        path = write_jsonl(tmp_path / folder / "rows.jsonl", rows)
+        data = build_stage_data(spec(DatasetSpec(path=path), eval_split=0.2), "sft", seed=0)
+        splits.append([row["prompt"][0]["content"] for row in data.splits[EVAL]])
+    assert len(splits[0]) == 12 and splits[0] == splits[1]
+    renamed = write_jsonl(tmp_path / "other.jsonl", rows)
+    other = build_stage_data(spec(DatasetSpec(path=renamed), eval_split=0.2), "sft", seed=0)
+    assert [row["prompt"][0]["content"] for row in other.splits[EVAL]] != splits[0]  # the name does seed it
+
 def test_flan_templates_with_held_out_phrasings(tmp_path):
     rows = [{"instruction": f"Task {i}", "input": f"in {i}", "output": "o"} for i in range(200)]
     dataset = DatasetSpec(path=write_jsonl(tmp_path / "t.jsonl", rows), templates="flan", held_out_templates=2)

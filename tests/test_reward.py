@@ -75,8 +75,8 @@ def stories_recipe(output_dir: Path, data_path: str = str(HH)) -> dict:
                 "name": "reward",
                 "type": "reward",
                 "init_from": "sft",
-                # Most HH transcripts are longer than 256 stories260k tokens: 200 rows leave 60 pairs to train, 14 held out.
-                "data": {"datasets": [{**hh, "max_rows": 200}], "eval_split": 40, "on_bad_rows": "drop"},
+                # Most HH transcripts are longer than 256 stories260k tokens: 200 rows leave 63 pairs to train; 18 of 80 held out.
+                "data": {"datasets": [{**hh, "max_rows": 200}], "eval_split": 80, "on_bad_rows": "drop"},
                 "evaluation": {"batch_size": 5, "table_rows": 8, "stats_pairs": 20},
                 "args": {**common_args, "max_steps": REWARD_STEPS, "center_rewards_coefficient": 0.01},
             },
@@ -128,8 +128,8 @@ def test_reward_stage_trains_on_hh_pairs_and_saves_adapter_head_stats(stories_ru
 
     losses = [entry["loss"] for entry in json.loads((stage / "log_history.json").read_text()) if "loss" in entry]
     assert len(losses) == REWARD_STEPS and all(loss > 0 for loss in losses)
-    assert metrics["data/eval_rows"] == metrics["eval/num_pairs"] == 14 and metrics["data/train_rows"] == 60
-    assert metrics["data/dropped_rows"] == 240 - 60 - 14  # over-long for stories260k's context, or empty
+    assert metrics["data/eval_rows"] == metrics["eval/num_pairs"] == 18 and metrics["data/train_rows"] == 63
+    assert metrics["data/dropped_rows"] == 280 - 63 - 18  # over-long for stories260k's context, or empty
     for key in ("pairwise_accuracy", "mean_margin", "loss", "reward_chosen_mean", "reward_rejected_mean"):
         assert f"eval/{key}" in metrics, key
     assert 0.0 <= metrics["eval/pairwise_accuracy"] <= 1.0

@@ -155,7 +155,7 @@ def build_stage_data(
             fmt = _resolve_format(spec, columns)
             converter = _Converter(spec, fmt, kind, data, seed, tokenizer, max_length)
             indices = list(range(len(rows)))
-            rng = random.Random(f"{seed}:{spec.label}")
+            rng = random.Random(f"{seed}:{spec.shuffle_key}")
             if role == "train":
                 rng.shuffle(indices)
                 held = _held_out_count(data.eval_split, len(indices))

@@ -7,6 +7,7 @@ recipe against them. Stage-specific keys live on the stage's own spec class (see
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from alignment.recipes.validate import RecipeError
@@ -98,6 +99,13 @@ class DatasetSpec:
     @property
     def label(self) -> str:
         return self.path if self.path is not None else "toy"
+
+    @property
+    def shuffle_key(self) -> str:
+        """Seeds this dataset's shuffle: the file name, not its folder, so a split is the same on every machine."""
+        if self.path is None:
+            return "toy"
+        return ":".join(part for part in (PurePosixPath(self.path).name, self.name, self.split) if part)
 
 
 @dataclass
