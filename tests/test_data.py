@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 
 import pytest
 from datasets import Dataset
@@ -12,7 +13,7 @@ from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
 from alignment.data.loading import DataError
 from alignment.data.templates import BUILTIN_TEMPLATE_SETS
 from alignment.recipes.schema import DatasetSpec, DataSpec, ToySource
-from alignment.toy.base import build_toy_tokenizer
+from alignment.toy.base import PRETRAIN_BATCH, build_toy_tokenizer, pretraining_batch
 
 from conftest import ALPACA, ALPACA_DEMO, need_shared
 
@@ -184,7 +185,6 @@ def test_mixture_weights_and_held_out_split(tmp_path):
     assert again.splits[TRAIN].to_list() == data.splits[TRAIN].to_list()  # seeded, reproducible
 
 
-
 def test_split_is_the_same_wherever_the_file_lives(tmp_path):
     """The shuffle is seeded by the file's name, so CI and a laptop hold out the same rows."""
     rows = [{"instruction": f"task {i}", "output": "x"} for i in range(60)]
@@ -198,6 +198,7 @@ def test_split_is_the_same_wherever_the_file_lives(tmp_path):
     renamed = write_jsonl(tmp_path / "other.jsonl", rows)
     other = build_stage_data(spec(DatasetSpec(path=renamed), eval_split=0.2), "sft", seed=0)
     assert [row["prompt"][0]["content"] for row in other.splits[EVAL]] != splits[0]  # the name does seed it
+
 
 def test_flan_templates_with_held_out_phrasings(tmp_path):
     rows = [{"instruction": f"Task {i}", "input": f"in {i}", "output": "o"} for i in range(200)]
@@ -224,3 +225,19 @@ def test_toy_suite_splits_instances_and_templates():
     assert not train_inputs & {(r["group"], r["prompt"][0]["content"]) for r in data.splits[EVAL]}
     assert all(row["checker"] == "exact" and row["reference"] for row in train)
     assert len({row["group"] for row in train}) == 7
+
+
+def test_toy_pretraining_batch_puts_the_loss_on_answers_only():
+    tokenizer = build_toy_tokenizer()
+    batch = pretraining_batch(random.Random(0), tokenizer)
+    assert batch["input_ids"].shape[0] == PRETRAIN_BATCH
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
+        text = tokenizer.decode(ids[mask.bool()])
+        answer = tokenizer.decode(labels[labels != -100])
+        question = text[: len(text) - len(answer)]
+        assert text.endswith(answer) and answer.endswith(tokenizer.eos_token)
+        assert (
+            question.endswith((" = ", "\n"))
+            and answer[: -len(tokenizer.eos_token)].strip() == answer[: -len(tokenizer.eos_token)]
+        )
+        assert (labels[~mask.bool()] == -100).all()  # padding is never a label

@@ -3,8 +3,11 @@
 InstructGPT starts from a pre-trained language model, so the toy base is pre-trained too: briefly,
 on plain text about the suite's skills, mostly (60%) in a bare `family: input = answer` form, the rest as an
 instruction phrasing followed by its answer, never inside a chat template and never with the last
-(held-out) template of a family. Instruction tuning then has to teach the chat format and to answer
-as the assistant turn, and phrasings held out of both stages measure generalisation.
+(held-out) template of a family. The loss is on the answers only: the inputs are random letters, whose
+loss is noise no model can reduce, and leaving it out learns the skills about three times faster
+(reverse: 0.93 exact match after 2,250 steps, against 0.13 after 1,000 with the loss on every token).
+Instruction tuning then has to teach the chat format and to answer as the assistant turn, and
+phrasings held out of both stages measure generalisation.
 
 The model is deterministic given its seed and cached on disk, so every stage of a toy run (and every
 process of a multi-process run) loads the same weights through the ordinary `from_pretrained` path.
@@ -26,8 +29,8 @@ from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
 from alignment.toy.tasks import FAMILIES
 
 TOY_MODEL_NAME = "toy"
-TOY_VERSION = "v5"
-PRETRAIN_STEPS = 2000
+TOY_VERSION = "v6"
+PRETRAIN_STEPS = 3000
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 3e-3
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -81,14 +84,31 @@ def build_toy_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaF
     return LlamaForCausalLM(config)
 
 
-def pretraining_text(rng: random.Random) -> str:
-    """One line of the toy pre-training corpus."""
+def pretraining_text(rng: random.Random) -> tuple[str, str]:
+    """One line of the toy pre-training corpus, as (text before the answer, answer)."""
     family = FAMILIES[rng.choice(sorted(FAMILIES))]
     x = family.make_input(rng)
     if rng.random() < 0.6:
-        return f"{family.name}: {x} = {family.solve(x)}"
+        return f"{family.name}: {x} = ", family.solve(x)
     template = rng.randrange(len(family.templates) - 1)
-    return f"{family.render(x, template)}\n{family.solve(x)}"
+    return f"{family.render(x, template)}\n", family.solve(x)
+
+
+def pretraining_batch(rng: random.Random, tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
+    """A right-padded batch whose labels are the answers and their end-of-text token."""
+    sequences = []
+    for _ in range(PRETRAIN_BATCH):
+        question, answer = pretraining_text(rng)
+        question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        sequences.append((question_ids + answer_ids, [-100] * len(question_ids) + answer_ids))
+    width = max(len(ids) for ids, _ in sequences)
+    pad = [tokenizer.pad_token_id]
+    return {
+        "input_ids": torch.tensor([ids + pad * (width - len(ids)) for ids, _ in sequences]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in sequences]),
+        "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in sequences]),
+    }
 
 
 def pretrain_toy_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> float:
@@ -101,10 +121,7 @@ def pretrain_toy_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
     model.train()
     started, loss = time.monotonic(), torch.tensor(0.0)
     for step in range(PRETRAIN_STEPS):
-        lines = [pretraining_text(rng) + tokenizer.eos_token for _ in range(PRETRAIN_BATCH)]
-        batch = tokenizer(lines, return_tensors="pt", padding=True, add_special_tokens=False)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
+        loss = model(**pretraining_batch(rng, tokenizer)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
