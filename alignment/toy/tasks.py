@@ -3,6 +3,12 @@
 Each family has an input generator, an exact solver (the gold answer and its checker), several
 instruction templates (so phrasings can be held out), and a corruption that gives a plausible
 wrong answer (for preference pairs and reward models). Everything is a pure function of a seed.
+
+The wrong answers mix the family's own mistake (partly reversed, partly upper case, off by one)
+with the mistakes a small model makes on every string task (two letters swapped, one dropped,
+doubled or replaced, the answer cut short). A reward model trained only on the family's own mistake
+learns a shortcut (for upper case: "all capitals wins") and then scores a policy's scrambled
+capitals as right, which PPO exploits.
 """
 
 from __future__ import annotations
@@ -46,11 +52,38 @@ def _swap_two(answer: str, rng: random.Random) -> str:
     return answer + rng.choice(LETTERS)
 
 
-def _not_equal(corruption: Callable[[str, str, random.Random], str]):
-    """Wraps a corruption so that it never returns the right answer."""
+def _letter_like(char: str, rng: random.Random) -> str:
+    letter = rng.choice([other for other in LETTERS if other != char.lower()])
+    return letter.upper() if char.isupper() else letter
+
+
+def _string_slip(answer: str, rng: random.Random) -> str:
+    """A small model's slip on a string answer: swap, drop, double or replace a letter, or stop early."""
+    i = rng.randrange(len(answer))
+    slip = rng.choice(["swap", "drop", "double", "replace", "cut"] if len(answer) > 1 else ["double", "replace"])
+    if slip == "swap":
+        return _swap_two(answer, rng)
+    if slip == "drop":
+        return answer[:i] + answer[i + 1 :]
+    if slip == "double":
+        return answer[: i + 1] + answer[i:]
+    if slip == "replace":
+        return answer[:i] + _letter_like(answer[i], rng) + answer[i + 1 :]
+    return answer[: rng.randint(1, len(answer) - 1)]
+
+
+def _number_slip(answer: str, rng: random.Random) -> str:
+    """Off by one most often, sometimes by two or more."""
+    value = int(answer)
+    offset = rng.choice([1, 1, 1, 2, rng.randint(3, 9)]) * rng.choice([-1, 1])
+    return str(value + offset if value + offset >= 0 else value - offset)
+
+
+def _not_equal(own_mistake: Callable[[str, str, random.Random], str], slip: Callable[[str, random.Random], str]):
+    """Half the time the family's own mistake, else a generic slip; never the right answer."""
 
     def corrupt(x: str, answer: str, rng: random.Random) -> str:
-        wrong = corruption(x, answer, rng)
+        wrong = own_mistake(x, answer, rng) if rng.random() < 0.5 else slip(answer, rng)
         return wrong if wrong != answer else answer + rng.choice(LETTERS)
 
     return corrupt
@@ -88,7 +121,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _word,
             lambda x: x[::-1],
-            _not_equal(_partly_reversed),
+            _not_equal(_partly_reversed, _string_slip),
         ),
         TaskFamily(
             "uppercase",
@@ -100,7 +133,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _word,
             str.upper,
-            _not_equal(_partly_upper),
+            _not_equal(_partly_upper, _string_slip),
         ),
         TaskFamily(
             "sort",
@@ -112,7 +145,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _word,
             lambda x: "".join(sorted(x)),
-            _not_equal(lambda x, answer, rng: _swap_two(answer, rng)),
+            _not_equal(lambda x, answer, rng: _swap_two(answer, rng), _string_slip),
         ),
         TaskFamily(
             "add",
@@ -124,7 +157,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _sum_input,
             lambda x: str(sum(int(part) for part in x.split("+"))),
-            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng)),
+            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng), _number_slip),
         ),
         TaskFamily(
             "length",
@@ -136,7 +169,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             lambda rng: _word(rng, 1, 9),
             lambda x: str(len(x)),
-            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng)),
+            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng), _number_slip),
         ),
         TaskFamily(
             "count_a",
@@ -148,7 +181,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _count_a_input,
             lambda x: str(x.count("a")),
-            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng)),
+            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng), _number_slip),
         ),
         TaskFamily(
             "repeat",
@@ -160,7 +193,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             lambda rng: _word(rng, 2, 4),
             lambda x: x + x,
-            _not_equal(lambda x, answer, rng: x if rng.random() < 0.5 else x + x[:-1]),
+            _not_equal(lambda x, answer, rng: x if rng.random() < 0.5 else x + x[:-1], _string_slip),
         ),
     ]
 }
