@@ -79,7 +79,7 @@ def _number_slip(answer: str, rng: random.Random) -> str:
     return str(value + offset if value + offset >= 0 else value - offset)
 
 
-def _not_equal(own_mistake: Callable[[str, str, random.Random], str], slip: Callable[[str, random.Random], str]):
+def _mixed_mistakes(own_mistake: Callable[[str, str, random.Random], str], slip: Callable[[str, random.Random], str]):
     """Half the time the family's own mistake, else a generic slip; never the right answer."""
 
     def corrupt(x: str, answer: str, rng: random.Random) -> str:
@@ -121,7 +121,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _word,
             lambda x: x[::-1],
-            _not_equal(_partly_reversed, _string_slip),
+            _mixed_mistakes(_partly_reversed, _string_slip),
         ),
         TaskFamily(
             "uppercase",
@@ -133,7 +133,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _word,
             str.upper,
-            _not_equal(_partly_upper, _string_slip),
+            _mixed_mistakes(_partly_upper, _string_slip),
         ),
         TaskFamily(
             "sort",
@@ -145,7 +145,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _word,
             lambda x: "".join(sorted(x)),
-            _not_equal(lambda x, answer, rng: _swap_two(answer, rng), _string_slip),
+            _mixed_mistakes(lambda x, answer, rng: _swap_two(answer, rng), _string_slip),
         ),
         TaskFamily(
             "add",
@@ -157,7 +157,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _sum_input,
             lambda x: str(sum(int(part) for part in x.split("+"))),
-            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng), _number_slip),
+            _mixed_mistakes(lambda x, answer, rng: _off_by_one(answer, rng), _number_slip),
         ),
         TaskFamily(
             "length",
@@ -169,7 +169,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             lambda rng: _word(rng, 1, 9),
             lambda x: str(len(x)),
-            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng), _number_slip),
+            _mixed_mistakes(lambda x, answer, rng: _off_by_one(answer, rng), _number_slip),
         ),
         TaskFamily(
             "count_a",
@@ -181,7 +181,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             _count_a_input,
             lambda x: str(x.count("a")),
-            _not_equal(lambda x, answer, rng: _off_by_one(answer, rng), _number_slip),
+            _mixed_mistakes(lambda x, answer, rng: _off_by_one(answer, rng), _number_slip),
         ),
         TaskFamily(
             "repeat",
@@ -193,7 +193,7 @@ FAMILIES: dict[str, TaskFamily] = {
             ),
             lambda rng: _word(rng, 2, 4),
             lambda x: x + x,
-            _not_equal(lambda x, answer, rng: x if rng.random() < 0.5 else x + x[:-1], _string_slip),
+            _mixed_mistakes(lambda x, answer, rng: x if rng.random() < 0.5 else x + x[:-1], _string_slip),
         ),
     ]
 }
