@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 
 import pytest
 
@@ -21,7 +22,7 @@ from alignment.data.formats import (
 from alignment.data.loading import DataError
 from alignment.recipes.schema import DatasetSpec, DataSpec, ToySource
 from alignment.toy.base import build_toy_tokenizer
-from alignment.toy.tasks import FAMILIES
+from alignment.toy.tasks import FAMILIES, wrong_answer
 
 from conftest import SHARED, need_shared
 
@@ -213,6 +214,23 @@ def test_toy_pairs_put_the_right_answer_against_a_wrong_one_with_held_out_pairs(
         assert example["chosen"] != example["rejected"] and example["group"] in FAMILIES
     train_prompts = {example["prompt"][-1]["content"] for example in data.splits[TRAIN]}
     assert not train_prompts & {example["prompt"][-1]["content"] for example in data.splits[EVAL]}
+
+
+def test_toy_wrong_answers_are_never_right_and_allow_no_single_shortcut():
+    """Half the wrong answers are the family's own mistake, half generic slips: for upper case, many
+    wrong answers are all capitals too, so a reward model cannot win by rewarding capitals."""
+    for name, family in FAMILIES.items():
+        rng = random.Random(name)
+        inputs = [family.make_input(rng) for _ in range(300)]
+        wrong = [wrong_answer(name, x, seed=0) for x in inputs]
+        assert all(answer != family.solve(x) for x, answer in zip(inputs, wrong, strict=True)), name
+        if family.solve(inputs[0]).isdigit():
+            assert all(answer.isdigit() for answer in wrong), name  # never negative
+    uppercase = FAMILIES["uppercase"]
+    capitals = [
+        wrong_answer("uppercase", x, 0).isupper() for x in (uppercase.make_input(random.Random(i)) for i in range(300))
+    ]
+    assert 0.3 < sum(capitals) / len(capitals) < 0.7
 
 
 # --- Bad rows ---------------------------------------------------------------------------
