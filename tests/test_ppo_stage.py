@@ -291,3 +291,29 @@ def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_
         for key, value in straight.items():
             if not key.startswith(("time/", "tokens_per_second/")):
                 assert resumed[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (straight["iteration"], key)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_pipeline_on_two_processes(tmp_path):
+    """`accelerate launch` on two CPU processes: each rolls out its own prompts, the gradients are
+    shared (the trainer fails if the replicas' weights diverge), and only the main process writes."""
+    run_dir = tmp_path / "run"
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(pipeline(run_dir)))  # checkpoints after iteration 1
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["-m", "alignment", "run", str(recipe_path)]
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=environment)
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]
+
+    for stage in ("sft", "reward", "ppo"):
+        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        assert manifest["status"] == "completed" and manifest["host"]["num_processes"] == 2, stage
+    assert not list(run_dir.glob(".*tmp*")) and not (run_dir / ".work").exists()
+    metrics = json.loads((run_dir / "ppo" / "metrics.json").read_text())
+    assert metrics["train/episode"] == 2 * 8 * 2  # iterations × rollout batch × processes
+    history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert [row["iteration"] for row in history] == [1, 2]
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert (run_dir / "ppo" / "adapter_model.safetensors").exists()

@@ -70,9 +70,9 @@ def quantization_config(config: ModelConfig) -> BitsAndBytesConfig | None:
 def device_map() -> dict[str, int | str] | None:
     """Each process puts its copy of the base on its own accelerator (accelerate's local process index)."""
     if torch.cuda.is_available():
-        from accelerate import PartialState
+        from alignment.distributed import process_state
 
-        return {"": PartialState().local_process_index}
+        return {"": process_state().local_process_index}
     return None
 
 

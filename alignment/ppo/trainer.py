@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import Dataset
 from peft import PeftModel
 from tqdm.auto import tqdm
@@ -304,6 +305,7 @@ class PPOTrainer:
                     stats["val/clipfrac_avg"].append(value_clipfrac.item())
                     ratio = torch.exp(new_logprobs - rollout.logprobs[rows])
                     stats["val/ratio"].append(core.masked_mean(ratio, response_mask).item())
+                self._average_value_head_gradients()
                 if config.max_grad_norm is not None:
                     params = [p for group in self.optimizer.param_groups for p in group["params"]]
                     self.accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -325,13 +327,37 @@ class PPOTrainer:
             "val/mean_response_length": mask.sum(1).float().mean().item(),
             "kl_coef": kl_coef,
         }
-        self.kl_controller.update(sequence_kl.mean().item(), batch_size * self.accelerator.num_processes)
+        metrics = self._mean_over_processes(metrics)
+        self.kl_controller.update(metrics["objective/kl"], batch_size * self.accelerator.num_processes)
         return metrics
+
+    # ---- several processes ----------------------------------------------------------------------
+    def _average_value_head_gradients(self) -> None:
+        """The value head lives outside the DDP-wrapped model, so its gradients are averaged here."""
+        if self.accelerator.num_processes == 1:
+            return
+        for parameter in self.value_head.parameters():
+            if parameter.grad is not None:
+                parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric averaged over the processes, so the logs and the KL controller see every episode."""
+        if self.accelerator.num_processes == 1:
+            return metrics
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(metrics, values.tolist(), strict=True))
+
+    def replica_checksums(self) -> list[float]:
+        """One checksum of the trainable weights per process: they must agree, or the replicas diverged."""
+        checksum = sum(parameter.double().sum() for parameter in self.trainable_state().values())
+        return [float(value) for value in gather_object([float(checksum)])]
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, on_iteration: Callable[[int, dict], None] | None = None) -> list[dict]:
         """Runs the remaining iterations (all of them, or those after the last checkpoint)."""
         self._update_generator = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed + self.accelerator.process_index)  # each process samples its own responses
         self.load_checkpoint()
         config = self.config
         progress = tqdm(
@@ -371,6 +397,9 @@ class PPOTrainer:
             if config.save_steps and self.iteration % config.save_steps == 0 and self.iteration < self.num_iterations:
                 self.save_checkpoint()
             progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        checksums = self.replica_checksums()
+        if max(checksums) - min(checksums) > 1e-6 * max(1.0, abs(checksums[0])):
+            raise RuntimeError(f"ppo: the processes' trainable weights diverged (checksums {checksums})")
         return self.history
 
     def log_samples(self, rollout: Rollout) -> None:
@@ -391,6 +420,7 @@ class PPOTrainer:
     def save_checkpoint(self) -> Path:
         """Everything needed to continue exactly: trainable weights, optimiser, scheduler, KL
         controller, random generators, counters and history, written atomically."""
+        rng = gather_object([self._rng_state()])  # every process's generators, so each resumes its own stream
         if not self.accelerator.is_main_process:
             return self.work_dir / CHECKPOINT
         state = {
@@ -401,13 +431,7 @@ class PPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "update": self._update_generator.get_state(),
-            },
+            "rng": rng,
         }
         path = self.work_dir / CHECKPOINT
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -415,6 +439,15 @@ class PPOTrainer:
         torch.save(state, tmp)
         os.replace(tmp, path)
         return path
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "update": self._update_generator.get_state(),
+        }
 
     def load_checkpoint(self) -> bool:
         path = self.work_dir / CHECKPOINT
@@ -432,7 +465,12 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
-        rng = state["rng"]
+        if len(state["rng"]) != self.accelerator.num_processes:
+            raise RuntimeError(
+                f"{path} was written by {len(state['rng'])} process(es), this run has "
+                f"{self.accelerator.num_processes}: resume with the same number, or delete {self.work_dir}"
+            )
+        rng = state["rng"][self.accelerator.process_index]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])

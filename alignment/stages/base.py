@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from alignment.distributed import process_state
 from alignment.io import atomic_directory, write_json, write_text
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.recipes.validate import check_args
@@ -185,18 +187,37 @@ class Stage:
                 "datasets": [spec.label for spec in (self.spec.data.datasets if self.spec.data else [])],
                 "stages": {name: str(self.input_stage_dir(name)) for name in self.spec.depends_on()},
             },
-            "host": {"python": sys.executable, "platform": platform.platform(), "pid": os.getpid()},
+            "host": {
+                "python": sys.executable,
+                "platform": platform.platform(),
+                "pid": os.getpid(),
+                "num_processes": process_state().num_processes,
+            },
             "tracking": tracker.info(),
             **({"error": error} if error else {}),
         }
 
     def execute(self) -> dict[str, Any]:
-        """Runs the stage with tracking; writes the output folder atomically with manifest and metrics."""
+        """Runs the stage with tracking; writes the output folder atomically with manifest and metrics.
+
+        Under `accelerate launch` every process runs the stage (training is shared), but only the main
+        process tracks and writes the stage folder; the others write into a scratch folder that is
+        dropped, and all wait for the folder to be complete before the next stage reads it.
+        """
+        state = process_state()
         started, clock = now(), time.monotonic()
-        self.prepare_work_dir()
-        tracker = Tracker(self.recipe, self.spec, self.run_dir, self.resolved_config())
+        if state.is_main_process:
+            self.prepare_work_dir()
+        state.wait_for_everyone()
+        tracker = (
+            Tracker(self.recipe, self.spec, self.run_dir, self.resolved_config())
+            if state.is_main_process
+            else Tracker.disabled()
+        )
+        output_folder = atomic_directory(self.stage_dir) if state.is_main_process else tempfile.TemporaryDirectory()
         try:
-            with atomic_directory(self.stage_dir) as output:
+            with output_folder as output:
+                output = Path(output)
                 metrics = self.run(output, tracker)
                 write_text(output / RESOLVED_RECIPE, yaml.safe_dump(to_plain(self.recipe), sort_keys=False))
                 write_json(output / METRICS, metrics)
@@ -205,11 +226,14 @@ class Stage:
             tracker.finish()
         except BaseException as error:
             message = "".join(traceback.format_exception_only(type(error), error)).strip()
-            write_json(
-                self.work_dir / MANIFEST,
-                self.manifest("failed", started, time.monotonic() - clock, tracker, error=message),
-            )
+            if state.is_main_process:
+                write_json(
+                    self.work_dir / MANIFEST,
+                    self.manifest("failed", started, time.monotonic() - clock, tracker, error=message),
+                )
             tracker.finish(failed=True)
             raise
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
         return metrics
