@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import set_seed
 
+from alignment.distributed import process_state
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.recipes.validate import RecipeError
 from alignment.stages import STAGE_TYPES, Stage
@@ -35,16 +36,17 @@ def make_stage(recipe: Recipe, spec: StageSpec) -> Stage:
 def run_recipe(recipe: Recipe, only: list[str] | None = None, force: bool = False) -> dict[str, dict[str, Any]]:
     """Runs the planned stages; returns each stage's metrics (None for a stage skipped as complete)."""
     results: dict[str, dict[str, Any]] = {}
+    say = process_state().print  # once per run, not once per process
     for spec in plan(recipe, only):
         stage = make_stage(recipe, spec)
         if not force and not only and stage.is_complete():
-            print(f"[{spec.name}] already complete in {stage.stage_dir} with the same config; skipping")
+            say(f"[{spec.name}] already complete in {stage.stage_dir} with the same config; skipping")
             results[spec.name] = None
             continue
-        print(f"[{spec.name}] running {spec.type} stage → {stage.stage_dir}")
+        say(f"[{spec.name}] running {spec.type} stage → {stage.stage_dir}")
         set_seed(recipe.seed)
         results[spec.name] = stage.execute()
-        print(f"[{spec.name}] done: {summarise(results[spec.name])}")
+        say(f"[{spec.name}] done: {summarise(results[spec.name])}")
     return results
 
 

@@ -310,7 +310,7 @@ def test_accelerate_launch_runs_the_pipeline_on_two_processes(tmp_path):
     for stage in ("sft", "reward", "ppo"):
         manifest = json.loads((run_dir / stage / "manifest.json").read_text())
         assert manifest["status"] == "completed" and manifest["host"]["num_processes"] == 2, stage
-    assert not list(run_dir.glob(".*tmp*")) and not (run_dir / ".work").exists()
+    assert not list(run_dir.glob(".*tmp*")) and not list((run_dir / ".work").iterdir())  # no scratch left
     metrics = json.loads((run_dir / "ppo" / "metrics.json").read_text())
     assert metrics["train/episode"] == 2 * 8 * 2  # iterations × rollout batch × processes
     history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
