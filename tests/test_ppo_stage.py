@@ -16,17 +16,20 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from alignment.data.build import TRAIN, build_stage_data
+from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
 from alignment.models.heads import load_reward_role, score_conversations
-from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer
+from alignment.models.loading import attach_adapter, keep_cpu_4bit_exact, load_base_model, load_tokenizer
 from alignment.ppo import core
 from alignment.ppo.trainer import POLICY, REFERENCE, PPOTrainer
 from alignment.recipes.load import validate_recipe
+from alignment.recipes.validate import RecipeError
 from alignment.runner import make_stage, run_recipe
 from alignment.tracking import Tracker
 
-from conftest import ROOT
+from conftest import ROOT, STORIES, need_shared
 
 TOY_DATA = {"datasets": [{"toy": {"rows": 600}, "held_out_templates": 1}], "eval_split": 0.1}
 COMMON_ARGS = {
@@ -242,6 +245,71 @@ def test_step_zero_sanity_ratio_one_kl_zero(trained):
     ratio = torch.exp(new_logprobs - rollout.logprobs[half])[rollout.response_mask[half].bool()]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
     assert approxkl.item() < 1e-10 and clipfrac.item() == 0.0
+
+
+def test_reward_source_is_exactly_one_of_stage_function_or_model(tmp_path):
+    raw = pipeline(tmp_path / "run")
+    raw["stages"][2]["reward_model"] = {"name_or_path": "some/reward-model"}
+    with pytest.raises(RecipeError, match="exactly one of reward_from .*, reward_function or reward_model"):
+        validate_recipe(raw)
+    del raw["stages"][2]["reward_from"]
+    with pytest.raises(RecipeError, match="value_from: reward needs reward_from"):
+        validate_recipe(raw)
+    raw["stages"][2]["value_from"] = "policy"
+    spec = validate_recipe(raw).stage("ppo")
+    assert spec.reward_model.name_or_path == "some/reward-model" and spec.reward_model.chat_template == "tokenizer"
+
+
+def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(trained, tmp_path):
+    """A reward model of its own (here stories260k with a one-label head, saved as a hub reward model
+    would be), loaded in 4-bit beside the shared toy base: PPO's scores are that model's own scores
+    of the prompt and response rendered with its tokenizer and template."""
+    need_shared(STORIES)
+    _, prepared = trained
+    torch.manual_seed(0)
+    reward_model_dir = tmp_path / "stories-rm"
+    AutoModelForSequenceClassification.from_pretrained(STORIES, num_labels=1).save_pretrained(reward_model_dir)
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(reward_model_dir)
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared / "sft", run_dir / "sft")
+    raw = pipeline(run_dir, {"num_iterations": 1})
+    raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
+    ppo = raw["stages"][1]
+    del ppo["reward_from"]
+    quantization = {"mode": "4bit", "compute_dtype": "float32"}
+    ppo |= {"value_from": "policy", "reward_model": {"name_or_path": str(reward_model_dir), "dtype": "float32"}}
+    ppo["reward_model"] |= {"quantization": quantization, "chat_template": "alpaca"}
+    metrics = run_recipe(validate_recipe(raw), only=["ppo"])["ppo"]
+    manifest = json.loads((run_dir / "ppo" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["inputs"]["stages"] == {"sft": str(run_dir / "sft")}
+
+    # The same samples, scored one at a time by the reward model loaded plainly with transformers.
+    samples = [json.loads(line) for line in (run_dir / "ppo" / "samples" / "eval.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    tokenizer.chat_template = BUILTIN_CHAT_TEMPLATES["alpaca"]
+    scorer = AutoModelForSequenceClassification.from_pretrained(
+        reward_model_dir,
+        num_labels=1,
+        dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    ).eval()
+    keep_cpu_4bit_exact(scorer)  # as the stages load 4-bit models on CPU (no bf16 repacking)
+    scores = []
+    for sample in samples:
+        conversation = [
+            {"role": "user", "content": sample["prompt"]},
+            {"role": "assistant", "content": sample["response"]},
+        ]
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            scores.append(scorer(**ids).logits[0, 0].item())
+    assert len(samples) == 16 and len({round(score, 4) for score in scores}) > 1
+    assert metrics["eval/reward_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
 
 
 def run_ppo_stage(run_dir: Path, recipe_path: Path) -> subprocess.Popen:

@@ -94,6 +94,25 @@ def adapter_reward(model: PeftModel, head: torch.nn.Module, tokenizer: Any) -> R
     return score
 
 
+def separate_model_reward(model: Any, tokenizer: Any, batch_size: int = 16) -> RewardSource:
+    """A reward model of its own: its tokenizer renders prompt + response with its chat template, and
+    its classification head scores the last token, as the model was trained (TRL's RewardTrainer does the same)."""
+
+    @torch.no_grad()
+    def score(prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
+        conversations = [
+            prompt + [{"role": "assistant", "content": text}] for prompt, text in zip(prompts, responses, strict=True)
+        ]
+        device = model.get_input_embeddings().weight.device
+        scores = []
+        for start in range(0, len(conversations), batch_size):
+            batch = encode_conversations(tokenizer, conversations[start : start + batch_size])
+            scores.append(model(**{key: value.to(device) for key, value in batch.items()}).logits[:, 0].float())
+        return torch.cat(scores)
+
+    return score
+
+
 def function_reward(function: Callable, references: dict[str, str]) -> RewardSource:
     """A Python reward `f(prompts, responses, references) -> list[float]`, e.g. a gold-answer check."""
 

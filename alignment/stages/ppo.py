@@ -14,18 +14,41 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from alignment.data.build import EVAL, TRAIN, build_stage_data
 from alignment.evaluation.generation import SAMPLE_COLUMNS, evaluate_generation
 from alignment.io import write_json, write_jsonl
 from alignment.models.heads import ScalarHead, load_reward_role, load_scalar_head, read_reward_stats
-from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer, torch_dtype, use_adapter
+from alignment.models.loading import (
+    attach_adapter,
+    load_base_model,
+    load_tokenizer,
+    torch_dtype,
+    use_adapter,
+)
 from alignment.ppo.config import PPOConfig
-from alignment.ppo.trainer import POLICY, REFERENCE, VALUE, PPOTrainer, adapter_reward, function_reward
-from alignment.recipes.schema import DataSpec, GenerationEvalConfig, StageSpec
+from alignment.ppo.trainer import (
+    POLICY,
+    REFERENCE,
+    VALUE,
+    PPOTrainer,
+    adapter_reward,
+    function_reward,
+    separate_model_reward,
+)
+from alignment.recipes.schema import DataSpec, GenerationEvalConfig, ModelConfig, StageSpec
 from alignment.recipes.validate import RecipeError, build, check_args
 from alignment.stages.base import Stage, register
 from alignment.tracking import Tracker
+
+
+@dataclass
+class RewardModelConfig(ModelConfig):
+    """A reward model of its own (another base, or a reward model from the hub), loaded frozen beside
+    the shared base with its own tokenizer: any `AutoModelForSequenceClassification` with one label."""
+
+    chat_template: str = "tokenizer"  # its tokenizer's own; or a built-in name or a Jinja string
 
 
 @dataclass
@@ -33,6 +56,7 @@ class PPOStageSpec(StageSpec):
     policy_from: str = ""  # the SFT stage: its adapter starts the policy and is the frozen reference
     reward_from: str | None = None  # the reward stage (adapter + head), or...
     reward_function: str | None = None  # ...a Python reward `module:function(prompts, responses, references)`
+    reward_model: RewardModelConfig | None = None  # ...or a separate sequence-classification model
     value_from: Literal["reward", "policy"] = "reward"
     ptx_data: DataSpec | None = None  # PPO-ptx: SFT data whose loss is mixed in (args.ptx_coef)
     evaluation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
@@ -40,8 +64,12 @@ class PPOStageSpec(StageSpec):
     def __post_init__(self) -> None:
         if not self.policy_from:
             raise RecipeError("policy_from", "a ppo stage needs policy_from: <the sft stage>")
-        if (self.reward_from is None) == (self.reward_function is None):
-            raise RecipeError("reward_from", "give exactly one of reward_from (a reward stage) or reward_function")
+        sources = [self.reward_from, self.reward_function, self.reward_model]
+        if sum(source is not None for source in sources) != 1:
+            raise RecipeError(
+                "reward_from",
+                "give exactly one of reward_from (a reward stage), reward_function or reward_model",
+            )
         if self.value_from == "reward" and self.reward_from is None:
             raise RecipeError("value_from", "value_from: reward needs reward_from; use value_from: policy")
 
@@ -55,6 +83,17 @@ def import_function(path: str) -> Any:
         return getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError, ValueError) as error:
         raise RecipeError("reward_function", f"cannot import {path!r}: {error}") from None
+
+
+def load_reward_model(config: RewardModelConfig) -> tuple[Any, Any]:
+    """The separate reward model, frozen in eval mode, and its tokenizer (chat template and pad token set)."""
+    try:
+        tokenizer = load_tokenizer(config, config.chat_template)
+    except ValueError as error:
+        raise RecipeError("reward_model.chat_template", str(error)) from None
+    model = load_base_model(config, auto_class=AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools at the last non-pad token
+    return model.eval().requires_grad_(False), tokenizer
 
 
 @register
@@ -114,6 +153,8 @@ class PPOStage(Stage):
             model, reward_head = load_reward_role(model, reward_dir)
             reward = adapter_reward(model, reward_head, tokenizer)
             reward_stats = read_reward_stats(reward_dir)
+        elif spec.reward_model:
+            reward = separate_model_reward(*load_reward_model(spec.reward_model))
         else:
             references = {
                 row["prompt"][-1]["content"]: row["reference"] for split in data.splits.values() for row in split
