@@ -30,11 +30,12 @@ from alignment.models.heads import (
 )
 from alignment.models.loading import attach_adapter, load_base_model
 from alignment.recipes.load import load_recipe, validate_recipe
+from alignment.recipes.validate import RecipeError
 from alignment.runner import run_recipe
 from alignment.stages.reward import PAIR_REWARDS_FILE, load_init_weights, load_sequence_classifier, reward_lora_config
 from alignment.tracking import read_offline_run
 
-from conftest import ROOT, SHARED, STORIES, need_shared
+from conftest import ROOT, SHARED, STORIES, minimal_recipe, need_shared
 
 HH = SHARED / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
 REWARD_STEPS = 6
@@ -263,3 +264,63 @@ def test_toy_reward_model_tells_right_from_wrong_answers_on_held_out_pairs(tmp_p
     manifest = json.loads((tmp_path / "reward" / "manifest.json").read_text())
     print(f"toy reward: accuracy {metrics['eval/pairwise_accuracy']:.3f}, stage wall time {manifest['duration_s']} s")
     assert metrics["eval/pairwise_accuracy"] >= 0.65
+
+
+def test_policy_samples_add_checker_labelled_pairs_of_the_sft_policys_own_mistakes(tmp_path):
+    """InstructGPT's comparison data with the toy checker as labeller: every pair made from the SFT
+    policy's samples pairs the reference against a wrong sample of a training prompt."""
+    toy = {"datasets": [{"toy": {"rows": 400}, "held_out_templates": 1}], "eval_split": 0.1}
+    args = {"per_device_train_batch_size": 16, "learning_rate": 3e-3, "max_length": 96, "save_strategy": "no"}
+    args |= {"activation_checkpointing": False, "report_to": []}
+    samples = {"policy_from": "sft", "samples_per_prompt": 3, "max_prompts": 24, "max_new_tokens": 12}
+    raw = {
+        "name": "policy-pairs",
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": "toy", "dtype": "float32", "quantization": {"compute_dtype": "float32"}},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "chat_template": "chatml",
+        "tracking": {"mode": "disabled"},
+        "stages": [
+            {
+                "name": "sft",
+                "type": "sft",
+                "data": toy,
+                "evaluation": {"num_prompts": 0},
+                "args": args | {"max_steps": 8},
+            },
+            {
+                "name": "reward",
+                "type": "reward",
+                "data": toy,
+                "policy_samples": samples,
+                "args": args | {"max_steps": 4},
+            },
+        ],
+    }
+    metrics = run_recipe(validate_recipe(raw))["reward"]
+    pairs = [json.loads(line) for line in (tmp_path / "run" / "reward" / "policy_pairs.jsonl").read_text().splitlines()]
+    assert metrics["policy_samples/prompts"] == 24 and metrics["policy_samples/samples"] == 72
+    assert len(pairs) == metrics["policy_samples/pairs"] > 10  # an 8-step SFT policy is mostly wrong
+    assert metrics["policy_samples/accuracy"] < 0.5
+    recipe = validate_recipe(raw)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "reward")
+    prompt_view = build_stage_data(recipe.stage("reward").data, "prompt", 0, tokenizer)
+    references = {row["prompt"][-1]["content"]: row["reference"] for row in prompt_view.splits["train"]}
+    held_out = {row["prompt"][-1]["content"] for row in prompt_view.splits[EVAL]}
+    for pair in pairs:
+        prompt = pair["prompt"][-1]["content"]
+        assert prompt in references and prompt not in held_out
+        assert pair["chosen"] == [{"role": "assistant", "content": references[prompt]}]
+        assert pair["rejected"][0]["content"] not in ("", references[prompt]) and pair["source"] == "policy_samples"
+    assert len({(pair["prompt"][-1]["content"], pair["rejected"][0]["content"]) for pair in pairs}) == len(pairs)
+
+
+def test_policy_samples_need_a_policy_stage_before_the_reward_stage():
+    raw = minimal_recipe()
+    raw["stages"].append({"name": "reward", "type": "reward", "data": raw["stages"][0]["data"], "policy_samples": {}})
+    with pytest.raises(RecipeError, match="policy_from"):
+        validate_recipe(raw)
+    raw["stages"][1]["policy_samples"] = {"policy_from": "sfft"}
+    with pytest.raises(RecipeError, match="sfft"):
+        validate_recipe(raw)

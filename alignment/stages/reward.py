@@ -14,6 +14,7 @@ prompts (`reward_stats.json`), which PPO uses to normalise rewards.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from peft import (
     LoraConfig,
     PeftModel,
@@ -38,7 +39,8 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
-from alignment.io import write_json
+from alignment.data.policy_pairs import PolicySamplesConfig, sample_policy_pairs
+from alignment.io import write_json, write_jsonl
 from alignment.models.heads import (
     REWARD_STATS_FILE,
     SCORE_HEAD_FILE,
@@ -48,6 +50,7 @@ from alignment.models.heads import (
     save_scalar_head,
 )
 from alignment.models.loading import (
+    attach_adapter,
     load_base_model,
     load_tokenizer,
     lora_config,
@@ -60,7 +63,8 @@ from alignment.tracking import Tracker
 logger = logging.getLogger(__name__)
 
 PAIR_FIELDS = ["prompt", "chosen", "rejected", "margin"]
-PAIR_REWARDS_FILE = "pair_rewards.json"  # held-out pairs' rewards by split, in the split's order
+PAIR_REWARDS_FILE = "pair_rewards.json"
+POLICY_PAIRS_FILE = "policy_pairs.jsonl"  # the pairs made from the policy's samples, for inspection  # held-out pairs' rewards by split, in the split's order
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 SCORE_MODULE = "score"  # the classification head of AutoModelForSequenceClassification
 HEAD_MODULES = ("lm_head", *SEQ_CLS_HEAD_NAMES)  # heads of one model form or the other, never in the adapter
@@ -79,10 +83,14 @@ class RewardEvalConfig:
 @dataclass
 class RewardStageSpec(StageSpec):
     init_from: str | None = None  # start from an earlier stage's adapter (the SFT model) instead of the base
+    policy_samples: PolicySamplesConfig | None = None  # add pairs of a policy's own samples, checker-labelled
     evaluation: RewardEvalConfig = field(default_factory=RewardEvalConfig)
 
     def depends_on(self) -> list[str]:
-        return [self.init_from] if self.init_from else []
+        names = [self.init_from] if self.init_from else []
+        if self.policy_samples and self.policy_samples.policy_from not in names:
+            names.append(self.policy_samples.policy_from)
+        return names
 
 
 # --- The model trained ------------------------------------------------------------------------
@@ -260,6 +268,10 @@ class RewardStage(Stage):
         args = self.trl_args(tracker)
         data = build_stage_data(spec.data, "preference", self.seed, tokenizer, args.max_length)
         splits = {name: with_margins(split) for name, split in data.splits.items()}
+        sampled_metrics = {}
+        if spec.policy_samples:
+            sampled, sampled_metrics = self.policy_sample_pairs(tokenizer, output_dir)
+            splits[TRAIN] = add_pairs(splits[TRAIN], sampled, self.seed)
 
         init = self.require_stage(spec.init_from) if spec.init_from else None
         set_seed(args.seed)  # the score layer starts from random weights
@@ -279,7 +291,7 @@ class RewardStage(Stage):
         check_last_tokens(trainer.train_dataset, tokenizer.pad_token_id, "training pairs")
         result = trainer.train(resume_from_checkpoint=last_checkpoint(self.work_dir))
         metrics = {"train/loss": result.training_loss, "train/runtime_s": result.metrics["train_runtime"]}
-        metrics |= data.metrics()
+        metrics |= data.metrics() | sampled_metrics
 
         save_reward_model(trainer, tokenizer, output_dir)
         write_json(output_dir / "log_history.json", trainer.state.log_history)
@@ -304,6 +316,26 @@ class RewardStage(Stage):
         metrics |= {f"reward_stats/{key}": value for key, value in stats.items()}
         tracker.log(metrics)
         return metrics
+
+    def policy_sample_pairs(self, tokenizer: PreTrainedTokenizerBase, output_dir: Path) -> tuple[Dataset, dict]:
+        """Pairs from the policy stage's own samples on the training prompts (its base loaded, then freed)."""
+        config = self.spec.policy_samples
+        prompts = build_stage_data(self.spec.data, "prompt", self.seed, tokenizer).splits[TRAIN]
+        policy_dir = self.require_stage(config.policy_from)
+        policy = attach_adapter(load_base_model(self.recipe.model), "policy", from_path=policy_dir, trainable=False)
+        pairs, metrics = sample_policy_pairs(policy, tokenizer, prompts, config, self.seed)
+        del policy
+        gc.collect()
+        write_jsonl(output_dir / POLICY_PAIRS_FILE, pairs.to_list())
+        return pairs, metrics
+
+
+def add_pairs(split: Dataset, pairs: Dataset, seed: int) -> Dataset:
+    """The split with more pairs, shuffled together; pairs get the split's margin column if it has one."""
+    if "margin" in split.column_names:
+        pairs = pairs.add_column("margin", [0.0] * len(pairs))
+    pairs = pairs.select_columns(split.column_names).cast(split.features)
+    return concatenate_datasets([split, pairs]).shuffle(seed=seed)
 
 
 def with_margins(split: Dataset) -> Dataset:
