@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -32,7 +33,13 @@ from alignment.models.loading import attach_adapter, load_base_model
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
 from alignment.runner import run_recipe
-from alignment.stages.reward import PAIR_REWARDS_FILE, load_init_weights, load_sequence_classifier, reward_lora_config
+from alignment.stages.reward import (
+    PAIR_REWARDS_FILE,
+    add_pairs,
+    load_init_weights,
+    load_sequence_classifier,
+    reward_lora_config,
+)
 from alignment.tracking import read_offline_run
 
 from conftest import ROOT, SHARED, STORIES, minimal_recipe, need_shared
@@ -325,3 +332,23 @@ def test_policy_samples_need_a_policy_stage_before_the_reward_stage():
     raw["stages"][1]["policy_samples"] = {"policy_from": "sfft"}
     with pytest.raises(RecipeError, match="sfft"):
         validate_recipe(raw)
+
+
+def test_added_pairs_join_the_split_with_its_columns_and_none_leave_it_unchanged():
+    conversation = [{"role": "user", "content": "What is 1+1?"}]
+    split = Dataset.from_list(
+        [
+            {"prompt": conversation, "chosen": [{"role": "assistant", "content": "2"}],
+             "rejected": [{"role": "assistant", "content": "3"}], "margin": 1.5, "group": "add", "source": "toy"}
+        ]
+    )  # fmt: skip
+    assert add_pairs(split, Dataset.from_list([]), 0) is split
+    sampled = Dataset.from_list(
+        [
+            {"prompt": conversation, "chosen": [{"role": "assistant", "content": "2"}],
+             "rejected": [{"role": "assistant", "content": "4"}], "group": "add", "source": "policy_samples"}
+        ]
+    )  # fmt: skip
+    joined = add_pairs(split, sampled, 0)
+    assert sorted(joined.column_names) == sorted(split.column_names)
+    assert sorted((row["rejected"][0]["content"], row["margin"]) for row in joined) == [("3", 1.5), ("4", 0.0)]

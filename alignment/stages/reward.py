@@ -332,6 +332,8 @@ class RewardStage(Stage):
 
 def add_pairs(split: Dataset, pairs: Dataset, seed: int) -> Dataset:
     """The split with more pairs, shuffled together; pairs get the split's margin column if it has one."""
+    if len(pairs) == 0:  # a policy that answered every sample right leaves nothing to add
+        return split
     if "margin" in split.column_names:
         pairs = pairs.add_column("margin", [0.0] * len(pairs))
     pairs = pairs.select_columns(split.column_names).cast(split.features)
