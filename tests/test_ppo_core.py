@@ -24,6 +24,7 @@ from alignment.ppo.core import (
     logprobs_from_logits,
     make_kl_controller,
     masked_mean,
+    masked_moments,
     masked_var,
     masked_whiten,
     normalize_scores,
@@ -152,6 +153,19 @@ def test_whitening_over_real_tokens_only() -> None:
     scaled_only = masked_whiten(values, mask, shift_mean=False)
     real_scaled = [scaled_only[r, t].item() for r, row in enumerate(rows) for t in range(len(row))]
     assert statistics.fmean(real_scaled) == pytest.approx(mean, abs=1e-9)
+
+
+def test_whitening_a_split_batch_with_summed_moments_equals_whitening_it_whole() -> None:
+    """What several processes do: each holds part of the rollouts, and their moments are summed."""
+    _, values, mask = padded_batch([7, 3, 5, 1, 6, 2], width=7, seed=5)
+    whole = masked_whiten(values, mask)
+    moments = masked_moments(values[:2], mask[:2]) + masked_moments(values[2:], mask[2:])
+    parts = [masked_whiten(values[rows], mask[rows], moments=moments) for rows in (slice(0, 2), slice(2, None))]
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-6)
+    # whitening the first part alone (what each process did before) gives different advantages
+    assert not torch.allclose(masked_whiten(values[:2], mask[:2]), whole[:2], atol=1e-3)
+    with pytest.raises(ValueError, match="at least 2 real positions"):
+        masked_whiten(values[:1], mask[:1], moments=masked_moments(values[:1, :1], mask[:1, :1]))
 
 
 def test_explained_variance() -> None:

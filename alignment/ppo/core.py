@@ -109,12 +109,39 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) of the real positions, in float64: moments of several processes add up."""
+    real = mask.bool()
+    selected = torch.where(real, values, torch.zeros_like(values)).double()
+    return torch.stack([real.sum().double(), selected.sum(), (selected**2).sum()])
+
+
+def mean_and_var_from_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance from `masked_moments` (summed over processes when there are several)."""
+    count, total, total_squares = moments.unbind()
+    if count < 2:
+        raise ValueError(f"whitening needs at least 2 real positions, got {int(count)}")
+    mean = total / count
+    variance = (total_squares - count * mean**2).clamp(min=0) / (count - 1)
+    return mean, variance
+
+
+def masked_whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    moments: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Standardises `values` with the mean and variance of the real positions; padding is set to 0.
 
     With `shift_mean=False` the mean is added back (scale only), as TRL does for whitened rewards.
+    `moments` (from `masked_moments`, summed over processes) whitens with the statistics of the whole
+    batch rather than this process's share of it.
     """
-    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    if moments is None:
+        mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        mean, variance = (statistic.to(values.dtype) for statistic in mean_and_var_from_moments(moments))
     whitened = (values - mean) * torch.rsqrt(variance + WHITEN_EPSILON)
     if not shift_mean:
         whitened = whitened + mean

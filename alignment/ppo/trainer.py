@@ -281,7 +281,7 @@ class PPOTrainer:
         rewards = core.per_token_rewards(rollout.scores, kl, kl_coef, mask)
         advantages, returns = core.compute_gae(rewards, rollout.values, mask, config.gamma, config.lam)
         if config.whiten_advantages:
-            advantages = core.masked_whiten(advantages, mask)
+            advantages = core.masked_whiten(advantages, mask, moments=self._moments_over_processes(advantages, mask))
 
         input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
         batch_size = len(rollout.responses)
@@ -358,6 +358,12 @@ class PPOTrainer:
         for parameter in self.value_head.parameters():
             if parameter.grad is not None:
                 parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
+
+    def _moments_over_processes(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Whitening statistics of every process's rollouts together, as one process with the whole batch would see."""
+        if self.accelerator.num_processes == 1:
+            return None
+        return self.accelerator.reduce(core.masked_moments(values, mask).to(self.device), reduction="sum")
 
     def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
         """Each metric averaged over the processes, so the logs and the KL controller see every episode."""
