@@ -57,15 +57,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from alignment.models.heads import load_trained_reward_model, read_reward_stats, score_conversations
 
-    from alignment.models.heads import load_reward_role, load_scalar_head, read_reward_stats, score_conversations
-    from alignment.models.loading import load_base_model, load_stage_recipe
-
-    recipe = load_stage_recipe(args.stage_dir)
-    load_scalar_head(args.stage_dir)  # a reward stage's folder? (before the base loads)
-    tokenizer = AutoTokenizer.from_pretrained(str(args.stage_dir))
-    model, head = load_reward_role(load_base_model(recipe.model), args.stage_dir, "reward")
+    model, head, tokenizer = load_trained_reward_model(args.stage_dir, "reward")
     conversations = [
         [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": response}]
         for response in args.response

@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from alignment.models.heads import load_reward_role, score_conversations
-from alignment.models.loading import load_base_model, load_stage_recipe, load_tokenizer
+from alignment.models.heads import load_trained_reward_model, score_conversations
 from alignment.ppo.trainer import REWARD
 from alignment.toy.tasks import FAMILIES, toy_rows, wrong_answer
 
@@ -44,9 +43,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1400, help="fresh instances, round-robin over the families")
     args = parser.parse_args()
 
-    recipe = load_stage_recipe(args.reward_stage)
-    tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
-    model, head = load_reward_role(load_base_model(recipe.model), args.reward_stage)
+    model, head, tokenizer = load_trained_reward_model(args.reward_stage, REWARD)
     rows = toy_rows(args.rows, seed=12345)
     wrong = [wrong_answer(row["family"], row["input"], seed=99) for row in rows]
 

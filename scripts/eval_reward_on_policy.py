@@ -13,8 +13,7 @@ import argparse
 import json
 from collections import defaultdict
 
-from alignment.models.heads import load_reward_role, score_conversations
-from alignment.models.loading import load_base_model, load_stage_recipe, load_tokenizer
+from alignment.models.heads import load_trained_reward_model, score_conversations
 from alignment.ppo.trainer import REWARD
 
 
@@ -24,9 +23,7 @@ def main() -> None:
     parser.add_argument("samples", help="a samples JSONL with prompt, response, reference, correct, group")
     args = parser.parse_args()
 
-    recipe = load_stage_recipe(args.reward_stage)
-    tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
-    model, head = load_reward_role(load_base_model(recipe.model), args.reward_stage)
+    model, head, tokenizer = load_trained_reward_model(args.reward_stage, REWARD)
     with open(args.samples) as handle:
         wrong = [row for row in map(json.loads, handle) if not row["correct"]]
 

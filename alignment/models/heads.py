@@ -193,3 +193,18 @@ def load_reward_role(
     model = attach_adapter(model, adapter_name, from_path=stage_dir, trainable=False)
     head = head.to(model.get_input_embeddings().weight.device).requires_grad_(False)
     return model, head
+
+
+def load_trained_reward_model(
+    stage_dir: str | Path, adapter_name: str = "reward"
+) -> tuple[PeftModel, ScalarHead, PreTrainedTokenizerBase]:
+    """A reward stage's model on its own base, with its saved tokenizer, ready to score conversations."""
+    from transformers import AutoTokenizer
+
+    from alignment.models.loading import load_base_model, load_stage_recipe
+
+    recipe = load_stage_recipe(stage_dir)
+    load_scalar_head(stage_dir)  # a reward stage's folder? (checked before the base loads)
+    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))
+    model, head = load_reward_role(load_base_model(recipe.model), stage_dir, adapter_name)
+    return model, head, tokenizer
