@@ -6,15 +6,25 @@ the kind of mistake (off by +1 or -1, the input left unreversed, letters permute
 shortcut shows as one kind near 1.0 and its mirror near 0.0, and a family the model cannot verify
 shows as its hard kinds near 0.5.
 
+With `--likelihood`, the stage is a policy (SFT) stage and the judge is its own log-probability of
+the assistant turn: whether the knowledge to rank a pair is in the language model at all, whatever
+a reward model trained from it can read out at its last token.
+
     python scripts/eval_reward_by_mistake.py runs/toy-reward/reward [--rows 1400]
+    python scripts/eval_reward_by_mistake.py runs/toy-reward/sft --likelihood
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from collections.abc import Callable
+
+import torch
 
 from alignment.models.heads import load_trained_reward_model, score_conversations
+from alignment.models.loading import load_trained_policy
+from alignment.ppo.core import response_logprobs
 from alignment.ppo.trainer import REWARD
 from alignment.toy.tasks import FAMILIES, toy_rows, wrong_answer
 
@@ -37,13 +47,40 @@ def mistake_kind(family: str, x: str, answer: str, wrong: str) -> str:
     return "letter added"
 
 
+Judge = Callable[[list[list[dict]]], list[float]]
+
+
+def reward_model_judge(stage_dir: str) -> Judge:
+    model, head, tokenizer = load_trained_reward_model(stage_dir, REWARD)
+    return lambda conversations: score_conversations(model, head, tokenizer, conversations, adapter=REWARD)
+
+
+def likelihood_judge(stage_dir: str) -> Judge:
+    """log pi(assistant turn | prompt) under a policy stage, one conversation at a time (no padding to get wrong)."""
+    model, tokenizer = load_trained_policy(stage_dir)
+
+    @torch.no_grad()
+    def judge(conversations: list[list[dict]]) -> list[float]:
+        scores = []
+        for messages in conversations:
+            prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)
+            whole = tokenizer.apply_chat_template(messages, return_dict=True)
+            input_ids = torch.tensor([whole["input_ids"]], device=model.device)
+            logits = model(input_ids=input_ids).logits
+            scores.append(response_logprobs(logits, input_ids, len(prompt["input_ids"])).sum().item())
+        return scores
+
+    return judge
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("reward_stage", help="a reward stage folder of a toy run")
+    parser.add_argument("stage", help="a reward stage folder of a toy run (a policy stage with --likelihood)")
     parser.add_argument("--rows", type=int, default=1400, help="fresh instances, round-robin over the families")
+    parser.add_argument("--likelihood", action="store_true", help="judge by a policy's log-probability of the answer")
     args = parser.parse_args()
 
-    model, head, tokenizer = load_trained_reward_model(args.reward_stage, REWARD)
+    judge = likelihood_judge(args.stage) if args.likelihood else reward_model_judge(args.stage)
     rows = toy_rows(args.rows, seed=12345)
     wrong = [wrong_answer(row["family"], row["input"], seed=99) for row in rows]
 
@@ -56,10 +93,8 @@ def main() -> None:
             for row, answer in zip(rows, answers, strict=True)
         ]
 
-    right_scores = score_conversations(
-        model, head, tokenizer, conversations([row["answer"] for row in rows]), adapter=REWARD
-    )
-    wrong_scores = score_conversations(model, head, tokenizer, conversations(wrong), adapter=REWARD)
+    right_scores = judge(conversations([row["answer"] for row in rows]))
+    wrong_scores = judge(conversations(wrong))
     hits: dict[tuple[str, str], list[bool]] = defaultdict(list)
     for row, mistake, right, bad in zip(rows, wrong, right_scores, wrong_scores, strict=True):
         hits[(row["family"], mistake_kind(row["family"], row["input"], row["answer"], mistake))].append(right > bad)

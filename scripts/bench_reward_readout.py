@@ -1,0 +1,163 @@
+"""How fast a toy reward model learns, outside the stage: one variant per run, accuracy on fresh pairs per epoch.
+
+The reward stage takes minutes per setting; this loop trains the same thing (the toy base as a
+one-label classifier, a LoRA adapter, the Bradley-Terry loss, on the reward recipe's own training
+pairs) with every knob the stage does not have, and scores 999 pairs drawn with another seed after
+each epoch, so variants compare on more than the stage's 300 held-out pairs. `--readout sum|mean`
+scores every response token with the head and pools them, instead of reading the last token.
+`--time-steps N` only times N training steps (ms per step) and stops.
+
+    python scripts/bench_reward_readout.py                                 # LoRA from the base, 4 epochs
+    python scripts/bench_reward_readout.py --init runs/toy-reward/sft      # from the SFT adapter
+    python scripts/bench_reward_readout.py --readout sum --epochs 3
+    python scripts/bench_reward_readout.py --bf16 --attn eager --time-steps 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForSequenceClassification
+
+from alignment.data.build import TRAIN, build_stage_data
+from alignment.models.heads import encode_conversations
+from alignment.models.loading import load_tokenizer, quantization_config
+from alignment.recipes.load import load_recipe
+from alignment.stages.reward import load_init_weights
+from alignment.toy.base import ensure_toy_base
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "toy" / "reward.yaml"
+FRESH_SEED, FRESH_ROWS = 12345, 1000
+
+
+def pairs_of(recipe_overrides: list[str], seed: int, tokenizer) -> list[tuple[list, list, str]]:
+    recipe = load_recipe(RECIPE, recipe_overrides)
+    data = build_stage_data(recipe.stage("reward").data, "preference", seed, tokenizer, 96)
+    return [
+        (row["prompt"] + row["chosen"], row["prompt"] + row["rejected"], row["group"]) for row in data.splits[TRAIN]
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--init", default="base", help="'base' or a stage folder whose adapter to start from")
+    parser.add_argument("--base", help="toy base folder (default: the cached toy base)")
+    parser.add_argument("--rows", type=int, default=6000, help="toy rows of the reward recipe (5%% held out)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank); must match --init's")
+    parser.add_argument("--loraplus-ratio", type=float, default=0.0, help="LoRA+: B matrices at this times the lr")
+    parser.add_argument("--readout", choices=["last", "sum", "mean"], default="last")
+    parser.add_argument("--quantization", choices=["4bit", "none"], default="4bit")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (and 4-bit compute dtype)")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation")
+    parser.add_argument("--time-steps", type=int, default=0, help="time this many steps, then stop")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    recipe = load_recipe(RECIPE, [f"stages.reward.data.datasets.0.toy.rows={args.rows}"])
+    tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
+    train = pairs_of([f"stages.reward.data.datasets.0.toy.rows={args.rows}"], recipe.seed, tokenizer)
+    fresh = pairs_of(
+        [f"stages.reward.data.datasets.0.toy.rows={FRESH_ROWS}", "stages.reward.data.eval_split=1"],
+        FRESH_SEED,
+        tokenizer,
+    )
+
+    model_config = recipe.model
+    model_config.quantization.mode = args.quantization
+    model_config.quantization.compute_dtype = "bfloat16" if args.bf16 else "float32"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.base or ensure_toy_base(),
+        num_labels=1,
+        dtype=torch.float32,
+        attn_implementation=args.attn,
+        quantization_config=quantization_config(model_config),
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    lora = LoraConfig(
+        r=args.rank, lora_alpha=args.rank, target_modules="all-linear", modules_to_save=["score"], task_type="SEQ_CLS"
+    )
+    model = get_peft_model(model, lora)
+    if args.init != "base":
+        load_init_weights(model, Path(args.init))
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if args.loraplus_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr=args.lr, loraplus_lr_ratio=args.loraplus_ratio
+        )
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    total_steps = args.epochs * (len(train) // args.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 10) * (1 - step / total_steps)
+    )
+
+    def rewards(conversations: list[list[dict]]) -> torch.Tensor:
+        batch = encode_conversations(tokenizer, conversations)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            if args.readout == "last":
+                return model(**batch, use_cache=False).logits.squeeze(-1).float()
+            hidden = model(**batch, use_cache=False, output_hidden_states=True).hidden_states[-1]
+            token_scores = model.base_model.model.score(hidden).squeeze(-1).float()
+        response_mask = batch["attention_mask"].clone()
+        for row, messages in enumerate(conversations):
+            prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)
+            response_mask[row, : len(prompt["input_ids"])] = 0
+        pooled = (token_scores * response_mask).sum(-1)
+        return pooled / response_mask.sum(-1) if args.readout == "mean" else pooled
+
+    def accuracy() -> tuple[float, dict[str, float]]:
+        model.eval()
+        hits: dict[str, list[bool]] = defaultdict(list)
+        with torch.no_grad():
+            for start in range(0, len(fresh), 64):
+                batch = fresh[start : start + 64]
+                scores = rewards([chosen for chosen, _, _ in batch] + [rejected for _, rejected, _ in batch])
+                for (_, _, family), chosen, rejected in zip(
+                    batch, scores[: len(batch)], scores[len(batch) :], strict=True
+                ):
+                    hits[family].append(bool(chosen > rejected))
+        model.train()
+        every = [hit for family_hits in hits.values() for hit in family_hits]
+        return sum(every) / len(every), {family: sum(h) / len(h) for family, h in sorted(hits.items())}
+
+    print(f"{len(train)} training pairs, {len(fresh)} fresh pairs; {vars(args)}")
+    print("| epoch | wall time | accuracy | by family |")
+    print("| --- | --- | --- | --- |")
+    started, step = time.time(), 0
+    model.train()
+    for epoch in range(args.epochs):
+        random.Random(epoch).shuffle(train)
+        for start in range(0, len(train) - args.batch_size + 1, args.batch_size):
+            if args.time_steps and step == 5:
+                timed_from = time.time()
+            if args.time_steps and step == 5 + args.time_steps:
+                print(f"{(time.time() - timed_from) / args.time_steps * 1000:.0f} ms per step")
+                return
+            batch = train[start : start + args.batch_size]
+            scores = rewards([chosen for chosen, _, _ in batch] + [rejected for _, rejected, _ in batch])
+            margins = scores[: len(batch)] - scores[len(batch) :]
+            loss = -torch.nn.functional.logsigmoid(margins).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            schedule.step()
+            step += 1
+        overall, by_family = accuracy()
+        families = ", ".join(f"{family} {value:.2f}" for family, value in by_family.items())
+        print(f"| {epoch + 1} | {time.time() - started:.0f} s | {overall:.3f} | {families} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
