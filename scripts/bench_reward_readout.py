@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from alignment.data.build import TRAIN, build_stage_data
 from alignment.models.heads import encode_conversations
 from alignment.models.loading import load_tokenizer, quantization_config
 from alignment.recipes.load import load_recipe
-from alignment.stages.reward import load_init_weights
+from alignment.stages.reward import load_init_weights, pair_metrics
 from alignment.toy.base import ensure_toy_base
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "toy" / "reward.yaml"
@@ -116,20 +115,19 @@ def main() -> None:
         pooled = (token_scores * response_mask).sum(-1)
         return pooled / response_mask.sum(-1) if args.readout == "mean" else pooled
 
-    def accuracy() -> tuple[float, dict[str, float]]:
+    def accuracy() -> dict[str, float]:
+        """The stage's own pair metrics (accuracy overall and per family) on the fresh pairs."""
         model.eval()
-        hits: dict[str, list[bool]] = defaultdict(list)
+        chosen_rewards: list[float] = []
+        rejected_rewards: list[float] = []
         with torch.no_grad():
             for start in range(0, len(fresh), 64):
                 batch = fresh[start : start + 64]
-                scores = rewards([chosen for chosen, _, _ in batch] + [rejected for _, rejected, _ in batch])
-                for (_, _, family), chosen, rejected in zip(
-                    batch, scores[: len(batch)], scores[len(batch) :], strict=True
-                ):
-                    hits[family].append(bool(chosen > rejected))
+                scores = rewards([chosen for chosen, _, _ in batch] + [rejected for _, rejected, _ in batch]).tolist()
+                chosen_rewards += scores[: len(batch)]
+                rejected_rewards += scores[len(batch) :]
         model.train()
-        every = [hit for family_hits in hits.values() for hit in family_hits]
-        return sum(every) / len(every), {family: sum(h) / len(h) for family, h in sorted(hits.items())}
+        return pair_metrics(chosen_rewards, rejected_rewards, [family for _, _, family in fresh], "fresh")
 
     print(f"{len(train)} training pairs, {len(fresh)} fresh pairs; {vars(args)}")
     print("| epoch | wall time | accuracy | by family |")
@@ -154,8 +152,13 @@ def main() -> None:
             optimizer.zero_grad()
             schedule.step()
             step += 1
-        overall, by_family = accuracy()
-        families = ", ".join(f"{family} {value:.2f}" for family, value in by_family.items())
+        metrics = accuracy()
+        overall = metrics.pop("fresh/pairwise_accuracy")
+        families = ", ".join(
+            f"{key.rsplit('/', 1)[1]} {value:.2f}"
+            for key, value in metrics.items()
+            if key.startswith("fresh/pairwise_accuracy/")
+        )
         print(f"| {epoch + 1} | {time.time() - started:.0f} s | {overall:.3f} | {families} |", flush=True)
 
 
