@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification
 
 from alignment.data.build import TRAIN, build_stage_data
 from alignment.models.heads import encode_conversations
-from alignment.models.loading import load_tokenizer, quantization_config
+from alignment.models.loading import load_base_model, load_tokenizer
 from alignment.recipes.load import load_recipe
 from alignment.stages.reward import load_init_weights, pair_metrics
 from alignment.toy.base import ensure_toy_base
@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank); must match --init's")
     parser.add_argument("--loraplus-ratio", type=float, default=0.0, help="LoRA+: B matrices at this times the lr")
     parser.add_argument("--readout", choices=["last", "sum", "mean"], default="last")
+    parser.add_argument(
+        "--aux-sum", type=float, default=0.0, help="with --readout last: add this times the summed read-out's loss"
+    )
     parser.add_argument("--quantization", choices=["4bit", "none"], default="4bit")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (and 4-bit compute dtype)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation")
@@ -73,13 +76,9 @@ def main() -> None:
     model_config = recipe.model
     model_config.quantization.mode = args.quantization
     model_config.quantization.compute_dtype = "bfloat16" if args.bf16 else "float32"
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.base or ensure_toy_base(),
-        num_labels=1,
-        dtype=torch.float32,
-        attn_implementation=args.attn,
-        quantization_config=quantization_config(model_config),
-    )
+    model_config.name_or_path = str(args.base or ensure_toy_base())
+    model_config.attn_implementation = args.attn
+    model = load_base_model(model_config, auto_class=AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     lora = LoraConfig(
         r=args.rank, lora_alpha=args.rank, target_modules="all-linear", modules_to_save=["score"], task_type="SEQ_CLS"
@@ -101,19 +100,24 @@ def main() -> None:
         optimizer, lambda step: min(1.0, (step + 1) / 10) * (1 - step / total_steps)
     )
 
-    def rewards(conversations: list[list[dict]]) -> torch.Tensor:
+    def rewards(conversations: list[list[dict]], readout: str = args.readout) -> torch.Tensor:
         batch = encode_conversations(tokenizer, conversations)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            if args.readout == "last":
+            if readout == "last":
                 return model(**batch, use_cache=False).logits.squeeze(-1).float()
-            hidden = model(**batch, use_cache=False, output_hidden_states=True).hidden_states[-1]
-            token_scores = model.base_model.model.score(hidden).squeeze(-1).float()
+            output = model(**batch, use_cache=False, output_hidden_states=True)
+            token_scores = model.base_model.model.score(output.hidden_states[-1]).squeeze(-1).float()
+        if readout == "last+sum":
+            return output.logits.squeeze(-1).float(), summed(token_scores, batch, conversations)
+        return summed(token_scores, batch, conversations, readout == "mean")
+
+    def summed(token_scores, batch, conversations, mean: bool = False) -> torch.Tensor:
         response_mask = batch["attention_mask"].clone()
         for row, messages in enumerate(conversations):
             prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)
             response_mask[row, : len(prompt["input_ids"])] = 0
         pooled = (token_scores * response_mask).sum(-1)
-        return pooled / response_mask.sum(-1) if args.readout == "mean" else pooled
+        return pooled / response_mask.sum(-1) if mean else pooled
 
     def accuracy() -> dict[str, float]:
         """The stage's own pair metrics (accuracy overall and per family) on the fresh pairs."""
@@ -143,9 +147,15 @@ def main() -> None:
                 print(f"{(time.time() - timed_from) / args.time_steps * 1000:.0f} ms per step")
                 return
             batch = train[start : start + args.batch_size]
-            scores = rewards([chosen for chosen, _, _ in batch] + [rejected for _, rejected, _ in batch])
+            conversations = [chosen for chosen, _, _ in batch] + [rejected for _, rejected, _ in batch]
+            if args.aux_sum:
+                scores, summed_scores = rewards(conversations, "last+sum")
+                summed_margins = summed_scores[: len(batch)] - summed_scores[len(batch) :]
+                auxiliary = -torch.nn.functional.logsigmoid(summed_margins).mean()
+            else:
+                scores, auxiliary = rewards(conversations), 0.0
             margins = scores[: len(batch)] - scores[len(batch) :]
-            loss = -torch.nn.functional.logsigmoid(margins).mean()
+            loss = -torch.nn.functional.logsigmoid(margins).mean() + args.aux_sum * auxiliary
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()

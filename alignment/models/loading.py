@@ -105,9 +105,10 @@ def keep_cpu_4bit_exact(model: torch.nn.Module) -> None:
     """Turns off bitsandbytes' CPU bf16 repacking of 4-bit weights for inference.
 
     On CPUs with AVX512-BF16, `Linear4bit` repacks its weights on the first no-grad eval forward and
-    computes in bfloat16 from then on: the same input then scores differently in eval and training,
-    float32 recipes lose their precision, and layers whose output size is not a multiple of 32 fail
-    an assertion (stories260k's MLP). Exact, mode-independent numbers matter more here.
+    from then on runs them through a bfloat16 kernel that has no backward: training after any
+    evaluation or rollout gets no gradient through the base's layers (only the adapters' own paths),
+    the same input scores differently in eval and training, float32 recipes lose their precision,
+    and layers whose output size is not a multiple of 32 fail an assertion (stories260k's MLP).
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
