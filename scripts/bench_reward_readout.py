@@ -4,7 +4,8 @@ The reward stage takes minutes per setting; this loop trains the same thing (the
 one-label classifier, a LoRA adapter, the Bradley-Terry loss, on the reward recipe's own training
 pairs) with every knob the stage does not have, and scores 999 pairs drawn with another seed after
 each epoch, so variants compare on more than the stage's 300 held-out pairs. `--readout sum|mean`
-scores every response token with the head and pools them, instead of reading the last token.
+scores every response token with the head and pools them, instead of reading the last token;
+`--aux-sum W` reads the last token but adds W times the summed read-out's loss in training.
 `--time-steps N` only times N training steps (ms per step) and stops.
 
     python scripts/bench_reward_readout.py                                 # LoRA from the base, 4 epochs
@@ -100,7 +101,8 @@ def main() -> None:
         optimizer, lambda step: min(1.0, (step + 1) / 10) * (1 - step / total_steps)
     )
 
-    def rewards(conversations: list[list[dict]], readout: str = args.readout) -> torch.Tensor:
+    def rewards(conversations: list[list[dict]], readout: str = args.readout):
+        """Rewards of a batch; for "last+sum", the last-token and the summed rewards."""
         batch = encode_conversations(tokenizer, conversations)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             if readout == "last":

@@ -26,7 +26,9 @@ def test_a_4bit_base_trains_with_the_same_gradients_after_an_evaluation_pass():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
     batch = tokenizer(["reverse: abcde = edcba", "add: 3+4 = 7"], return_tensors="pt", padding=True)
-    first_layer_lora = [p for n, p in model.named_parameters() if "layers.0." in n and "lora_A" in n]
+    first_layer_lora = [
+        parameter for name, parameter in model.named_parameters() if "layers.0." in name and "lora_A" in name
+    ]
 
     def first_layer_gradients() -> list[torch.Tensor]:
         model.train()
