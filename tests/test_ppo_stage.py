@@ -42,7 +42,7 @@ COMMON_ARGS = {
 }
 
 
-def pipeline(output_dir: Path, ppo_args: dict | None = None) -> dict:
+def pipeline(output_dir: Path, ppo_args: dict | None = None, score_head: dict | None = None) -> dict:
     return {
         "name": "ppo-test",
         "seed": 0,
@@ -67,6 +67,7 @@ def pipeline(output_dir: Path, ppo_args: dict | None = None) -> dict:
                 "name": "reward",
                 "type": "reward",
                 "init_from": "sft",
+                "score_head": score_head or {},
                 "data": TOY_DATA,
                 "args": {**COMMON_ARGS, "max_steps": 10},
             },
@@ -245,6 +246,49 @@ def test_step_zero_sanity_ratio_one_kl_zero(trained):
     ratio = torch.exp(new_logprobs - rollout.logprobs[half])[rollout.response_mask[half].bool()]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
     assert approxkl.item() < 1e-10 and clipfrac.item() == 0.0
+
+
+def test_an_attention_reward_head_becomes_the_value_head_and_reads_left_padded_rollouts(tmp_path):
+    """The value role starts as the reward adapter and head; with an attention head its per-token values
+    must not see the left padding of a rollout batch, nor the tokens after them."""
+    output_dir = tmp_path / "run"
+    recipe = validate_recipe(pipeline(output_dir, score_head={"type": "attention", "heads": 4, "head_dim": 8}))
+    metrics = run_recipe(recipe)["ppo"]
+    assert all(torch.isfinite(torch.tensor(metrics[f"train/{key}"])) for key in ("loss/value_avg", "objective/scores"))
+    saved_value_head = torch.load(output_dir / "ppo" / "adapters" / "value" / "value_head.pt")
+    assert {name: tuple(tensor.shape) for name, tensor in saved_value_head.items()} == {
+        "query_weight": (32, 128),
+        "key_weight": (32, 128),
+        "value_weight": (4, 128),
+    }
+
+    stage, tokenizer, data, (model, value_head, reward, stats) = roles_of(recipe)
+    assert type(value_head).__name__ == "AttentionScalarHead" and value_head.value_weight.requires_grad
+    trainer = PPOTrainer(
+        stage.args_class(**recipe.stage("ppo").args), model, value_head, reward, tokenizer, data.splits[TRAIN],
+        output_dir / "values-work", Tracker.disabled(), reward_stats=stats, seed=0,
+    )  # fmt: skip
+    with torch.no_grad():  # an untrained query attends uniformly: make it attend by content, as a trained one does
+        value_head.query_weight.normal_(std=0.5)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for text in ("Reverse the string abcdef.", "What is 2+3?")
+    ]
+    response = tokenizer("cba", add_special_tokens=False)["input_ids"]
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p + response for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + len(response)) for p in prompts])
+    with torch.no_grad():
+        batched = trainer._values(ids, mask, width)
+        for row, prompt in enumerate(prompts):
+            alone = trainer._values(torch.tensor([prompt + response]), torch.ones(1, len(prompt) + 3), len(prompt))
+            torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=0)
+        # The value at the first response token does not change with the tokens after it.
+        changed = ids.clone()
+        changed[:, width + 1 :] = torch.tensor(tokenizer("zz", add_special_tokens=False)["input_ids"])
+        torch.testing.assert_close(trainer._values(changed, mask, width)[:, :2], batched[:, :2], atol=1e-5, rtol=0)
 
 
 def test_reward_source_is_exactly_one_of_stage_function_or_model(tmp_path):

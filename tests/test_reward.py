@@ -48,7 +48,7 @@ HH = SHARED / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
 REWARD_STEPS = 6
 
 
-def stories_recipe(output_dir: Path, data_path: str = str(HH)) -> dict:
+def stories_recipe(output_dir: Path, data_path: str = str(HH), score_head: str = "linear") -> dict:
     hh = {"path": data_path, "format": "implicit_preference"}
     common_args = {
         "per_device_train_batch_size": 4,
@@ -83,6 +83,7 @@ def stories_recipe(output_dir: Path, data_path: str = str(HH)) -> dict:
                 "name": "reward",
                 "type": "reward",
                 "init_from": "sft",
+                "score_head": {"type": score_head, "heads": 4, "head_dim": 8},
                 # Most HH transcripts are longer than 256 stories260k tokens: 200 rows leave 63 pairs to train; 18 of 80 held out.
                 "data": {"datasets": [{**hh, "max_rows": 200}], "eval_split": 80, "on_bad_rows": "drop"},
                 "evaluation": {"batch_size": 5, "table_rows": 8, "stats_pairs": 20},
@@ -92,12 +93,13 @@ def stories_recipe(output_dir: Path, data_path: str = str(HH)) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def stories_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["linear", "attention"])
+def stories_run(request, tmp_path_factory):
+    """The whole run, once with each kind of score head: every test below holds for both."""
     need_shared(STORIES)
     need_shared(HH)
-    output_dir = tmp_path_factory.mktemp("stories-reward") / "run"
-    recipe = validate_recipe(stories_recipe(output_dir))
+    output_dir = tmp_path_factory.mktemp(f"stories-reward-{request.param}") / "run"
+    recipe = validate_recipe(stories_recipe(output_dir, score_head=request.param))
     metrics = run_recipe(recipe)["reward"]
     return recipe, output_dir, metrics
 
@@ -122,7 +124,7 @@ def shared_base(stories_run):
 
 
 def test_reward_stage_trains_on_hh_pairs_and_saves_adapter_head_stats(stories_run):
-    _, output_dir, metrics = stories_run
+    recipe, output_dir, metrics = stories_run
     stage = output_dir / "reward"
     for name in ("adapter_model.safetensors", "adapter_config.json", SCORE_HEAD_FILE, "reward_stats.json",
                  PAIR_REWARDS_FILE, "tokenizer.json", "metrics.json", "manifest.json", "log_history.json"):  # fmt: skip
@@ -131,8 +133,11 @@ def test_reward_stage_trains_on_hh_pairs_and_saves_adapter_head_stats(stories_ru
     assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None and config["r"] == 8
     adapter = load_file(str(stage / "adapter_model.safetensors"))
     assert adapter and all("lora_" in key for key in adapter)  # the head lives in its own file
-    head = load_file(str(stage / SCORE_HEAD_FILE))
-    assert set(head) == {"weight"} and head["weight"].shape == (1, 64)
+    head = {name: tuple(tensor.shape) for name, tensor in load_file(str(stage / SCORE_HEAD_FILE)).items()}
+    if recipe.stage("reward").score_head.type == "linear":
+        assert head == {"weight": (1, 64)}
+    else:  # 4 heads of 8 query/key units on stories260k's 64 hidden units
+        assert head == {"query_weight": (32, 64), "key_weight": (32, 64), "value_weight": (4, 64)}
 
     losses = [entry["loss"] for entry in json.loads((stage / "log_history.json").read_text()) if "loss" in entry]
     assert len(losses) == REWARD_STEPS and all(loss > 0 for loss in losses)
@@ -217,13 +222,16 @@ def test_init_from_starts_the_reward_adapter_at_the_sft_adapter(stories_run):
     recipe, output_dir, _ = stories_run
     from peft import get_peft_model
 
-    model = get_peft_model(load_sequence_classifier(recipe), reward_lora_config(recipe, output_dir / "sft"))
+    classifier = load_sequence_classifier(recipe, score_head=recipe.stage("reward").score_head)
+    model = get_peft_model(classifier, reward_lora_config(recipe, output_dir / "sft"))
     load_init_weights(model, output_dir / "sft")
     saved = load_file(str(output_dir / "sft" / "adapter_model.safetensors"))
     parameters = dict(model.named_parameters())
     for key, value in saved.items():
         assert torch.equal(parameters[key.replace(".weight", ".default.weight")].detach(), value), key
-    assert parameters["base_model.model.score.modules_to_save.default.weight"].requires_grad
+    head = {name: p for name, p in parameters.items() if name.startswith("base_model.model.score.modules_to_save.")}
+    assert head and all(parameter.requires_grad for parameter in head.values())
+    assert not any("lora_" in name for name in head)  # the head is trained in full, never through LoRA
 
 
 def test_one_offline_wandb_run_per_stage_with_metrics_histograms_and_the_pair_table(stories_run):

@@ -1,9 +1,16 @@
-"""Scalar heads on the shared base: a reward (or a value) is a linear read-out of one hidden state.
+"""Scalar heads on the shared base: one number per token from the final hidden states.
 
 PPO puts every role on one loaded causal LM as named PEFT adapters. The reward role is that base
-with the reward adapter active, plus a `ScalarHead` applied to the final hidden state (after the
-last norm) at the last real token. The token is found from the attention mask and positions are
-counted from it, so a sequence scores the same with left or right padding and in any batch.
+with the reward adapter active, plus a scalar head on the final hidden states (after the last norm),
+read at the last real token; the value role reads the same kind of head at every token. The token
+is found from the attention mask and positions are counted from it, so a sequence scores the same
+with left or right padding and in any batch.
+
+Two kinds of head (`ScoreHeadConfig`): `linear`, the usual reward-model head (InstructGPT, TRL), a
+linear read-out of each token's own hidden state; and `attention`, one causal attention layer whose
+values are scalars, so a token's score can gather evidence from every earlier token. The second
+exists because a small base does not carry per-token evidence (a wrong letter in the middle of an
+answer) to the last token in a few epochs; docs/benchmarks.md has the measurements.
 
 The reward stage trains through a sequence-classification model whose `score` layer is the same
 read-out on the same decoder stack; its adapter and `score` weights are saved beside each other
@@ -15,27 +22,140 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from alignment.recipes.validate import RecipeError
 
 SCORE_HEAD_FILE = "score_head.safetensors"
 REWARD_STATS_FILE = "reward_stats.json"  # {"mean", "std", "count"} of rewards over the training prompts
 
 
+@dataclass
+class ScoreHeadConfig:
+    """The reward model's head. `linear` reads each token's hidden state; `attention` lets the score at a
+    token attend to every earlier token (`heads` heads of `head_dim` query/key units, scalar values)."""
+
+    type: Literal["linear", "attention"] = "linear"
+    heads: int = 64
+    head_dim: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("heads", "head_dim"):
+            if getattr(self, key) <= 0:
+                raise RecipeError(key, f"must be a positive integer, got {getattr(self, key)}")
+
+
 class ScalarHead(nn.Linear):
-    """hidden → one number per sequence; the same shape and keys as a classification model's `score`."""
+    """hidden → one number per token; the same shape and keys as a classification model's `score`."""
+
+    kind = "linear"
 
     def __init__(self, hidden_size: int, bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__(hidden_size, 1, bias=bias, dtype=dtype)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden.to(self.weight.dtype)).squeeze(-1)
+    @property
+    def hidden_size(self) -> int:
+        return self.in_features
+
+    def options(self) -> dict[str, int]:
+        return {}
+
+    def token_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, length, hidden) → (batch, length); the mask is not needed: each token reads only itself."""
+        return self(hidden.to(self.weight.dtype)).squeeze(-1)
+
+    def last_token_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The score at each row's last real token, (batch,)."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self(hidden[rows, last_token_index(attention_mask)].to(self.weight.dtype)).squeeze(-1)
+
+
+class AttentionScalarHead(nn.Module):
+    """One causal attention layer with scalar values: the score at token t is, per head, an attention-weighted
+    average of scalar values at the real tokens up to t, summed over heads.
+
+    A reward reads only the last real token, so `last_token_scores` computes that one query (linear in the
+    length); `token_scores` computes every token's, for the value role. The query starts at zero (uniform
+    attention), the values as a linear head's would. The weights are plain parameters, not `nn.Linear`
+    layers, so LoRA's `all-linear` never targets them.
+    """
+
+    kind = "attention"
+
+    def __init__(self, hidden_size: int, heads: int = 64, head_dim: int = 8, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.heads, self.head_dim, self.hidden_size = heads, head_dim, hidden_size
+        self.query_weight = nn.Parameter(torch.zeros(heads * head_dim, hidden_size, dtype=dtype))
+        self.key_weight = nn.Parameter(torch.empty(heads * head_dim, hidden_size, dtype=dtype))
+        self.value_weight = nn.Parameter(torch.empty(heads, hidden_size, dtype=dtype))
+        nn.init.kaiming_uniform_(self.key_weight, a=math.sqrt(5))
+        nn.init.normal_(self.value_weight, std=hidden_size**-0.5)
+
+    def options(self) -> dict[str, int]:
+        return {"heads": self.heads, "head_dim": self.head_dim}
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """(batch, length, hidden) → (batch, length, 1) like a classification model's `score`, or with
+        `last_only` (batch,): the reward model's forward (see `alignment.stages.reward`) asks for that."""
+        if last_only:
+            return self.last_token_scores(hidden, attention_mask)
+        return self.token_scores(hidden, attention_mask).unsqueeze(-1)
+
+    def _keys_and_values(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = hidden.shape
+        key = nn.functional.linear(hidden, self.key_weight).view(batch, length, self.heads, self.head_dim)
+        value = nn.functional.linear(hidden, self.value_weight).view(batch, length, self.heads, 1)
+        return key.transpose(1, 2), value.transpose(1, 2)
+
+    def _queries(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        query = nn.functional.linear(hidden, self.query_weight).view(batch, length, self.heads, self.head_dim)
+        return query.transpose(1, 2)
+
+    def token_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token's score, (batch, length); padding (where the mask is 0) is never attended to."""
+        hidden = hidden.to(self.value_weight.dtype)
+        length = hidden.shape[1]
+        key, value = self._keys_and_values(hidden)
+        allowed = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        if attention_mask is not None:  # a padding position attends to itself only, so no row is empty
+            allowed = allowed & attention_mask.bool()[:, None, None, :]
+            allowed = allowed | torch.eye(length, dtype=torch.bool, device=hidden.device)
+        pooled = nn.functional.scaled_dot_product_attention(self._queries(hidden), key, value, attn_mask=allowed)
+        return pooled.squeeze(-1).sum(1)
+
+    def last_token_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The score at each row's last real token, (batch,): the same number as `token_scores` there."""
+        hidden = hidden.to(self.value_weight.dtype)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        query = self._queries(hidden[rows, last_token_index(attention_mask)].unsqueeze(1))
+        key, value = self._keys_and_values(hidden)
+        allowed = attention_mask.bool()[:, None, None, :]  # every real token is at or before the last one
+        pooled = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
+        return pooled.squeeze(-1).squeeze(-1).sum(1)
+
+
+HEAD_KINDS: dict[str, type[nn.Module]] = {"linear": ScalarHead, "attention": AttentionScalarHead}
+
+
+def build_score_head(config: ScoreHeadConfig, hidden_size: int, dtype: torch.dtype | None = None) -> nn.Module:
+    """A freshly initialised head of the configured kind."""
+    if config.type == "linear":
+        return ScalarHead(hidden_size, dtype=dtype)
+    return AttentionScalarHead(hidden_size, config.heads, config.head_dim, dtype=dtype)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -55,19 +175,17 @@ def decoder_stack(model: PreTrainedModel | PeftModel) -> nn.Module:
     return getattr(base, base.base_model_prefix)
 
 
-def last_hidden_states(
+def final_hidden_states(
     model: PreTrainedModel | PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """The final hidden state at each sequence's last real token, shape (batch, hidden)."""
+    """The decoder's output after the final norm at every position, shape (batch, length, hidden)."""
     outputs = decoder_stack(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions_from_mask(attention_mask),
         use_cache=False,
     )
-    hidden = outputs.last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+    return outputs.last_hidden_state
 
 
 @contextlib.contextmanager
@@ -93,9 +211,10 @@ def sequence_scores(
     attention_mask: torch.Tensor,
     adapter: str | None = None,
 ) -> torch.Tensor:
-    """One score per sequence: `head` on the last real token's final hidden state, with `adapter` active."""
+    """One score per sequence: `head`'s score at the last real token, with `adapter` active."""
     with active_adapter(model, adapter):
-        return head(last_hidden_states(model, input_ids, attention_mask)).float()
+        hidden = final_hidden_states(model, input_ids, attention_mask)
+    return head.last_token_scores(hidden, attention_mask.to(hidden.device)).float()
 
 
 def encode_conversations(
@@ -143,25 +262,39 @@ def score_conversations(
     return scores
 
 
-def save_scalar_head(layer: nn.Linear, directory: str | Path) -> Path:
-    """Writes a (hidden → 1) linear layer as `score_head.safetensors`."""
-    if layer.out_features != 1:
-        raise ValueError(f"a scalar head has one output, this layer has {layer.out_features}")
-    tensors = {"weight": layer.weight.detach().cpu().contiguous()}
-    if layer.bias is not None:
-        tensors["bias"] = layer.bias.detach().cpu().contiguous()
+def save_scalar_head(head: nn.Module, directory: str | Path) -> Path:
+    """Writes a scalar head as `score_head.safetensors`, its kind and shape in the metadata."""
+    if isinstance(head, nn.Linear) and head.out_features != 1:
+        raise ValueError(f"a scalar head has one output, this layer has {head.out_features}")
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
+    metadata = {"kind": head.kind, "hidden_size": str(head.hidden_size)}
+    metadata |= {key: str(value) for key, value in head.options().items()}
     path = Path(directory) / SCORE_HEAD_FILE
-    save_file(tensors, str(path), metadata={"hidden_size": str(layer.in_features)})
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 
-def load_scalar_head(directory: str | Path, device: torch.device | str | None = None) -> ScalarHead:
+def head_from_weights(tensors: dict[str, torch.Tensor], kind: str, options: dict[str, int]) -> nn.Module:
+    """A head of `kind` holding `tensors` (a state dict, e.g. a trained `score` module's)."""
+    if kind == "linear":
+        head = ScalarHead(tensors["weight"].shape[-1], bias="bias" in tensors, dtype=tensors["weight"].dtype)
+    elif kind == "attention":
+        value = tensors["value_weight"]
+        head = AttentionScalarHead(value.shape[-1], options["heads"], options["head_dim"], dtype=value.dtype)
+    else:
+        raise ValueError(f"unknown score head kind {kind!r}; known: {sorted(HEAD_KINDS)}")
+    head.load_state_dict(tensors)
+    return head
+
+
+def load_scalar_head(directory: str | Path, device: torch.device | str | None = None) -> nn.Module:
     path = Path(directory) / SCORE_HEAD_FILE
     if not path.exists():
         raise FileNotFoundError(f"{directory} holds no {SCORE_HEAD_FILE}; point at a reward stage's output folder")
-    tensors = load_file(str(path))
-    head = ScalarHead(tensors["weight"].shape[-1], bias="bias" in tensors, dtype=tensors["weight"].dtype)
-    head.load_state_dict(tensors)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    options = {key: int(metadata[key]) for key in ("heads", "head_dim") if key in metadata}
+    head = head_from_weights(load_file(str(path)), metadata.get("kind", "linear"), options)
     return head.to(device) if device is not None else head
 
 
@@ -175,7 +308,7 @@ def read_reward_stats(stage_dir: str | Path) -> dict[str, float]:
 
 def load_reward_role(
     model: PreTrainedModel | PeftModel, stage_dir: str | Path, adapter_name: str = "reward"
-) -> tuple[PeftModel, ScalarHead]:
+) -> tuple[PeftModel, nn.Module]:
     """Puts a reward stage's adapter onto an already-loaded base as frozen adapter `adapter_name`.
 
     Returns the PeftModel (every adapter on the one base) and the frozen head; score with
@@ -185,9 +318,9 @@ def load_reward_role(
 
     head = load_scalar_head(stage_dir)
     hidden_size = model.config.get_text_config().hidden_size
-    if head.in_features != hidden_size:
+    if head.hidden_size != hidden_size:
         raise ValueError(
-            f"{stage_dir}: the score head reads hidden size {head.in_features}, but this base has {hidden_size}; "
+            f"{stage_dir}: the score head reads hidden size {head.hidden_size}, but this base has {hidden_size}; "
             "a reward model only loads onto the base it was trained on"
         )
     model = attach_adapter(model, adapter_name, from_path=stage_dir, trainable=False)
@@ -197,7 +330,7 @@ def load_reward_role(
 
 def load_trained_reward_model(
     stage_dir: str | Path, adapter_name: str = "reward"
-) -> tuple[PeftModel, ScalarHead, PreTrainedTokenizerBase]:
+) -> tuple[PeftModel, nn.Module, PreTrainedTokenizerBase]:
     """A reward stage's model on its own base, with its saved tokenizer, ready to score conversations."""
     from transformers import AutoTokenizer
 

@@ -193,7 +193,7 @@ class PPOTrainer:
             ).logits
 
     def _values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
-        """V(s_t) for each response token t: the value head on the hidden state at position t − 1."""
+        """V(s_t) for each response token t: the value head's score at position t − 1 (it reads only up to there)."""
         with active_adapter(self.unwrapped, VALUE):
             hidden = decoder_stack(self.unwrapped)(
                 input_ids=input_ids,
@@ -201,7 +201,7 @@ class PPOTrainer:
                 position_ids=positions_from_mask(attention_mask),
                 use_cache=False,
             ).last_hidden_state
-        return self.value_head(hidden[:, response_start - 1 : -1]).float()
+        return self.value_head.token_scores(hidden, attention_mask)[:, response_start - 1 : -1].float()
 
     def _micro_batches(self, size: int) -> list[slice]:
         micro = max(

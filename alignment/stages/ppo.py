@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from alignment.data.build import EVAL, TRAIN, build_stage_data
@@ -140,7 +141,7 @@ class PPOStage(Stage):
             metrics |= self.evaluate(trainer, eval_split, EVAL, output_dir, tracker)
         return metrics
 
-    def build_roles(self, tokenizer: Any, data: Any) -> tuple[Any, ScalarHead, Any, dict | None]:
+    def build_roles(self, tokenizer: Any, data: Any) -> tuple[Any, nn.Module, Any, dict | None]:
         """Loads the base once and puts the four roles on it; returns (model, value head, reward, stats)."""
         recipe, spec = self.recipe, self.spec
         sft_dir = self.require_stage(spec.policy_from)

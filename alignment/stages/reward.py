@@ -35,6 +35,7 @@ from peft import (
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -44,8 +45,11 @@ from alignment.io import write_json, write_jsonl
 from alignment.models.heads import (
     REWARD_STATS_FILE,
     SCORE_HEAD_FILE,
-    ScalarHead,
+    ScoreHeadConfig,
+    build_score_head,
     encode_conversations,
+    final_hidden_states,
+    head_from_weights,
     read_reward_stats,
     save_scalar_head,
 )
@@ -83,6 +87,7 @@ class RewardEvalConfig:
 @dataclass
 class RewardStageSpec(StageSpec):
     init_from: str | None = None  # start from an earlier stage's adapter (the SFT model) instead of the base
+    score_head: ScoreHeadConfig = field(default_factory=ScoreHeadConfig)  # linear (the usual) or attention
     policy_samples: PolicySamplesConfig | None = None  # add pairs of a policy's own samples, checker-labelled
     evaluation: RewardEvalConfig = field(default_factory=RewardEvalConfig)
 
@@ -96,12 +101,44 @@ class RewardStageSpec(StageSpec):
 # --- The model trained ------------------------------------------------------------------------
 
 
-def load_sequence_classifier(recipe: Recipe, gradient_checkpointing: bool = False) -> PreTrainedModel:
-    """The base as a one-label classifier, quantized like every other stage's base."""
+def load_sequence_classifier(
+    recipe: Recipe, gradient_checkpointing: bool = False, score_head: ScoreHeadConfig | None = None
+) -> PreTrainedModel:
+    """The base as a one-label classifier, quantized like every other stage's base, with the configured head
+    as its `score` layer (the classifier reads `score` at the last real token)."""
     with suppress_seqcls_warning():  # a fresh `score` and an unused `lm_head` are expected
-        return load_base_model(
+        model = load_base_model(
             recipe.model, gradient_checkpointing, auto_class=AutoModelForSequenceClassification, num_labels=1
         )
+    if score_head is not None and score_head.type != "linear":
+        linear = getattr(model, SCORE_MODULE, None)
+        if not isinstance(linear, torch.nn.Linear):
+            raise ValueError(
+                f"{type(model).__name__} has no '{SCORE_MODULE}' layer to replace with a {score_head.type} head; "
+                "use score_head.type: linear with this model"
+            )
+        head = build_score_head(score_head, linear.in_features, dtype=linear.weight.dtype)
+        setattr(model, SCORE_MODULE, head.to(linear.weight.device))
+        score_at_last_token(model)
+    return model
+
+
+def score_at_last_token(model: PreTrainedModel) -> None:
+    """Replaces the classifier's forward with the read-out PPO uses: the decoder (positions from the mask),
+    then the `score` head at the last real token only.
+
+    The classifier's own forward scores every token and then picks the last, which for an attention head
+    costs a query per token; and it finds the last token from the pad id rather than the mask.
+    """
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = final_hidden_states(model, input_ids, attention_mask)
+        rewards = getattr(model, SCORE_MODULE)(hidden, attention_mask, last_only=True)
+        return SequenceClassifierOutputWithPast(logits=rewards.unsqueeze(-1))
+
+    model.forward = forward
 
 
 def reward_lora_config(recipe: Recipe, init_dir: Path | None) -> LoraConfig:
@@ -145,24 +182,26 @@ def check_last_tokens(dataset: Dataset, pad_token_id: int, name: str) -> None:
 # --- Saving -------------------------------------------------------------------------------------
 
 
-def save_reward_model(trainer: RewardTrainer, tokenizer: PreTrainedTokenizerBase, output_dir: Path) -> None:
+def save_reward_model(
+    trainer: RewardTrainer, tokenizer: PreTrainedTokenizerBase, output_dir: Path, score_head: ScoreHeadConfig
+) -> None:
     """Saves the adapter as a causal-LM adapter and the trained `score` layer as `score_head.safetensors`.
 
     Split that way, the adapter loads as one more named adapter onto the causal-LM base that PPO
-    shares, and the head is a plain (hidden → 1) linear layer beside it.
+    shares, and the head is a small module beside it.
     """
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     if not trainer.is_world_process_zero():
         return
     weights = load_file(str(output_dir / ADAPTER_WEIGHTS))
-    head_keys = {key: value for key, value in weights.items() if key.split(".")[-2] == SCORE_MODULE}
-    if not any(key.endswith(".weight") for key in head_keys):
+    marker = f".{SCORE_MODULE}."
+    head_keys = {key: value for key, value in weights.items() if marker in key}
+    if not head_keys:
         raise RuntimeError(f"the saved adapter holds no trained '{SCORE_MODULE}' layer (keys: {list(weights)[:5]})")
-    head_weights = {key.split(".")[-1]: value for key, value in head_keys.items()}
-    head = ScalarHead(head_weights["weight"].shape[-1], bias="bias" in head_weights, dtype=head_weights["weight"].dtype)
-    head.load_state_dict(head_weights)
-    save_scalar_head(head, output_dir)
+    head_weights = {key.split(marker, 1)[1]: value for key, value in head_keys.items()}
+    options = {"heads": score_head.heads, "head_dim": score_head.head_dim}
+    save_scalar_head(head_from_weights(head_weights, score_head.type, options), output_dir)
     save_file(
         {k: v for k, v in weights.items() if k not in head_keys}, str(output_dir / ADAPTER_WEIGHTS), {"format": "pt"}
     )
@@ -275,7 +314,7 @@ class RewardStage(Stage):
 
         init = self.require_stage(spec.init_from) if spec.init_from else None
         set_seed(args.seed)  # the score layer starts from random weights
-        model = load_sequence_classifier(recipe, args.gradient_checkpointing)
+        model = load_sequence_classifier(recipe, args.gradient_checkpointing, spec.score_head)
         model = get_peft_model(model, reward_lora_config(recipe, init))
 
         trainer = RewardTrainer(
@@ -293,7 +332,7 @@ class RewardStage(Stage):
         metrics = {"train/loss": result.training_loss, "train/runtime_s": result.metrics["train_runtime"]}
         metrics |= data.metrics() | sampled_metrics
 
-        save_reward_model(trainer, tokenizer, output_dir)
+        save_reward_model(trainer, tokenizer, output_dir, spec.score_head)
         write_json(output_dir / "log_history.json", trainer.state.log_history)
 
         batch_size, pair_rewards = spec.evaluation.batch_size, {}
