@@ -271,14 +271,13 @@ def test_bad_pairs_stop_the_reward_stage_naming_the_row_before_the_model_loads(t
 
 @pytest.mark.slow
 def test_toy_reward_model_tells_right_from_wrong_answers_on_held_out_pairs(tmp_path):
-    """The shipped toy recipe: SFT, then the reward stage. Issue 3 asks for 0.90 held-out pairwise accuracy;
-    with LoRA rank 16 the recipe measures 0.83 (length 0.98, repeat 0.92; count_a 0.71, reverse 0.73),
-    so the assertion guards the level reached, not the target; and the 3-minute budget."""
+    """The shipped toy recipe: SFT, then the reward stage, which must reach 0.90 held-out pairwise accuracy
+    within 3 minutes (issue 3). It measured 0.90-0.92 in 130-140 s on 2 cores with native bfloat16."""
     recipe = load_recipe(ROOT / "recipes" / "toy" / "reward.yaml", [f"output_dir={tmp_path}", "tracking.mode=disabled"])
     metrics = run_recipe(recipe)["reward"]
     manifest = json.loads((tmp_path / "reward" / "manifest.json").read_text())
     print(f"toy reward: accuracy {metrics['eval/pairwise_accuracy']:.3f}, stage wall time {manifest['duration_s']} s")
-    assert metrics["eval/pairwise_accuracy"] >= 0.78
+    assert metrics["eval/pairwise_accuracy"] >= 0.90
     assert manifest["duration_s"] < 180
 
 
