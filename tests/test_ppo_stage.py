@@ -278,16 +278,18 @@ def test_an_attention_reward_head_becomes_the_value_head_and_reads_left_padded_r
     ]
     response = tokenizer("cba", add_special_tokens=False)["input_ids"]
     width = max(len(prompt) for prompt in prompts)
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p + response for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + len(response)) for p in prompts])
+    device = trainer.device
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p + response for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + len(response)) for p in prompts], device=device)
     with torch.no_grad():
         batched = trainer._values(ids, mask, width)
         for row, prompt in enumerate(prompts):
-            alone = trainer._values(torch.tensor([prompt + response]), torch.ones(1, len(prompt) + 3), len(prompt))
+            alone_ids = torch.tensor([prompt + response], device=device)
+            alone = trainer._values(alone_ids, torch.ones_like(alone_ids), len(prompt))
             torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=0)
         # The value at the first response token does not change with the tokens after it.
         changed = ids.clone()
-        changed[:, width + 1 :] = torch.tensor(tokenizer("zz", add_special_tokens=False)["input_ids"])
+        changed[:, width + 1 :] = torch.tensor(tokenizer("zz", add_special_tokens=False)["input_ids"], device=device)
         torch.testing.assert_close(trainer._values(changed, mask, width)[:, :2], batched[:, :2], atol=1e-5, rtol=0)
 
 
