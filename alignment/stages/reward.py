@@ -5,7 +5,8 @@ RewardConfig's optional `center_rewards_coefficient` term). `init_from` starts f
 stage's adapter (InstructGPT starts the reward model from the SFT model); without it, from the base.
 
 Training runs on the sequence-classification form of the base (same decoder stack, same adapter
-paths, a `score` layer on the last token). The output is a causal-LM adapter plus
+paths, a `score` layer read at the last token: linear, or the attention head that `score_head`
+asks for, see `alignment.models.heads`). The output is a causal-LM adapter plus
 `score_head.safetensors`, which `alignment.models.heads.load_reward_role` puts onto the one base
 that PPO shares between its roles. After training: pairwise accuracy, margin and the reward
 distributions on the held-out pairs, and the reward mean and standard deviation over the training
