@@ -113,16 +113,11 @@ def main() -> None:
             torch.nn.init.normal_(attention_head.value_weight, std=args.value_std)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if attention_head is not None:
-        trainable += list(attention_head.parameters())
-    if attention_head is not None:
+        head_group = {"params": list(attention_head.parameters()), "lr": args.head_lr or args.lr}
         optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in model.parameters() if p.requires_grad]},
-                {"params": list(attention_head.parameters()), "lr": args.head_lr or args.lr},
-            ],
-            lr=args.lr,
-            weight_decay=args.weight_decay,
+            [{"params": list(trainable)}, head_group], lr=args.lr, weight_decay=args.weight_decay
         )
+        trainable += head_group["params"]
     elif args.loraplus_ratio:
         from peft.optimizers import create_loraplus_optimizer
 

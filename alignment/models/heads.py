@@ -148,9 +148,6 @@ class AttentionScalarHead(nn.Module):
         return pooled.squeeze(-1).squeeze(-1).sum(1)
 
 
-HEAD_KINDS: dict[str, type[nn.Module]] = {"linear": ScalarHead, "attention": AttentionScalarHead}
-
-
 def build_score_head(config: ScoreHeadConfig, hidden_size: int, dtype: torch.dtype | None = None) -> nn.Module:
     """A freshly initialised head of the configured kind."""
     if config.type == "linear":
@@ -282,7 +279,7 @@ def head_from_weights(tensors: dict[str, torch.Tensor], kind: str, options: dict
         value = tensors["value_weight"]
         head = AttentionScalarHead(value.shape[-1], options["heads"], options["head_dim"], dtype=value.dtype)
     else:
-        raise ValueError(f"unknown score head kind {kind!r}; known: {sorted(HEAD_KINDS)}")
+        raise ValueError(f"unknown score head kind {kind!r}; known: 'linear', 'attention'")
     head.load_state_dict(tensors)
     return head
 
