@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ ALPACA_DEMO = SHARED / "data" / "llamafactory-demo" / "alpaca_en_demo.json"
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+SMOLLM2_SCRIPT = SHARED / "models" / "smollm2-135m.sh"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder, made offline once by the shared script (about a minute)."""
+    need_shared(SMOLLM2_SCRIPT)
+    made = subprocess.run(["bash", str(SMOLLM2_SCRIPT)], capture_output=True, text=True, timeout=1200)
+    if made.returncode != 0:
+        reason = (made.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"SmolLM2-135M-Instruct could not be made by {SMOLLM2_SCRIPT}: {reason}")
+    return Path(made.stdout.strip().splitlines()[-1])
 
 
 def need_shared(path: Path) -> None:

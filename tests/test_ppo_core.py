@@ -12,6 +12,7 @@ import statistics
 import pytest
 import torch
 
+from alignment.models.sampling import truncate_after_eos
 from alignment.ppo import PPOConfig
 from alignment.ppo.core import (
     AdaptiveKLController,
@@ -31,7 +32,6 @@ from alignment.ppo.core import (
     per_token_rewards,
     policy_loss,
     response_logprobs,
-    truncate_after_eos,
     value_loss,
 )
 from alignment.recipes.validate import RecipeError, build
@@ -410,7 +410,7 @@ def test_step_zero_sanity_on_shared_base_with_policy_and_reference_adapters(tmp_
     generator = torch.Generator().manual_seed(2)
     prompt_length, temperature = 4, 0.7
     input_ids = torch.randint(0, 37, (3, prompt_length + 6), generator=generator)
-    _, mask, _ = truncate_after_eos(input_ids[:, prompt_length:], eos_id=36, pad_id=0)
+    _, mask, _ = truncate_after_eos(input_ids[:, prompt_length:], 36, pad_id=0)
 
     use_adapter(model, "policy")
     with torch.no_grad():

@@ -22,6 +22,7 @@ from alignment.data.build import TRAIN, build_stage_data
 from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
 from alignment.models.heads import load_reward_role, score_conversations
 from alignment.models.loading import attach_adapter, keep_cpu_4bit_exact, load_base_model, load_tokenizer
+from alignment.models.sampling import Responses, turn_suffix_ids
 from alignment.ppo import core
 from alignment.ppo.trainer import POLICY, REFERENCE, PPOTrainer
 from alignment.recipes.load import load_recipe, validate_recipe
@@ -42,7 +43,9 @@ COMMON_ARGS = {
 }
 
 
-def pipeline(output_dir: Path, ppo_args: dict | None = None, score_head: dict | None = None) -> dict:
+def pipeline(
+    output_dir: Path, ppo_args: dict | None = None, score_head: dict | None = None, **ppo_keys: object
+) -> dict:
     return {
         "name": "ppo-test",
         "seed": 0,
@@ -88,6 +91,7 @@ def pipeline(output_dir: Path, ppo_args: dict | None = None, score_head: dict | 
                     "save_steps": 1,
                     **(ppo_args or {}),
                 },
+                **ppo_keys,
             },
         ],
     }
@@ -189,7 +193,8 @@ def test_roles_share_one_base_and_frozen_roles_do_not_move(trained):
             reference_before = sequence_logprobs(model, batch)
         with active_adapter(model, POLICY):
             policy_before = sequence_logprobs(model, batch)
-    rewards_before = reward([[{"role": "user", "content": "What is 2+3?"}]] * 2, ["5", "6"])
+    answers = Responses.from_texts(tokenizer, [[{"role": "user", "content": "What is 2+3?"}]] * 2, ["5", "6"])
+    rewards_before = reward(answers)
     assert torch.equal(reference_before, policy_before)  # the policy starts as the SFT adapter
     trainer.train()
 
@@ -197,7 +202,7 @@ def test_roles_share_one_base_and_frozen_roles_do_not_move(trained):
         reference_after = sequence_logprobs(model, batch)
     with active_adapter(model, POLICY):
         policy_after = sequence_logprobs(model, batch)
-    rewards_after = reward([[{"role": "user", "content": "What is 2+3?"}]] * 2, ["5", "6"])
+    rewards_after = reward(answers)
     assert torch.equal(reference_after, reference_before) and torch.equal(rewards_after, rewards_before)
     assert not torch.allclose(policy_after, policy_before)  # the policy did move
 
@@ -236,9 +241,7 @@ def test_step_zero_sanity_ratio_one_kl_zero(trained):
     assert torch.equal(kl * rollout.response_mask, torch.zeros_like(kl))
     half = slice(0, 4)  # the first mini-batch, recomputed as the update does
     ids, mask = rollout.input_ids[half], rollout.attention_mask[half]
-    new_logprobs = core.response_logprobs(
-        trainer._logits(POLICY, ids, mask), ids, rollout.query_ids.shape[1], config.temperature
-    )
+    new_logprobs = trainer._logprobs(POLICY, ids, mask, rollout.query_ids.shape[1], config.temperature)
     advantages = torch.randn_like(new_logprobs)
     _, approxkl, clipfrac = core.policy_loss(
         new_logprobs, rollout.logprobs[half], advantages, rollout.response_mask[half], config.cliprange
@@ -260,6 +263,7 @@ def test_an_attention_reward_head_becomes_the_value_head_and_reads_left_padded_r
         "query_weight": (32, 128),
         "key_weight": (32, 128),
         "value_weight": (4, 128),
+        "bias": (1,),  # the reward head rescaled to the normalised rewards' units carries their offset
     }
 
     stage, tokenizer, data, (model, value_head, reward, stats) = roles_of(recipe)
@@ -370,6 +374,9 @@ def run_ppo_stage(run_dir: Path, recipe_path: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_path):
+    """PPO-ptx killed with SIGKILL after its second checkpoint and run again: the same iterations and
+    metrics as a run never interrupted (the ptx sampler's state is in the checkpoint), and the initial
+    evaluation is reused rather than run again."""
     _, prepared = trained
     logs = {}
     for name in ("straight", "killed"):
@@ -377,7 +384,8 @@ def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_
         for stage in ("sft", "reward"):
             shutil.copytree(prepared / stage, run_dir / stage)
         recipe_path = tmp_path / f"{name}.yaml"
-        recipe_path.write_text(yaml.safe_dump(pipeline(run_dir, {"num_iterations": 6, "save_steps": 2})))
+        ppo_args = {"num_iterations": 6, "save_steps": 2, "ptx_coef": 0.5}
+        recipe_path.write_text(yaml.safe_dump(pipeline(run_dir, ppo_args, ptx_data=TOY_DATA)))
         if name == "killed":
             process = run_ppo_stage(run_dir, recipe_path)
             checkpoint = run_dir / ".work" / "ppo" / "ppo_checkpoint.pt"
@@ -394,17 +402,22 @@ def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_
         output, _ = finished.communicate(timeout=900)
         assert finished.returncode == 0, output[-3000:]
         if name == "killed":
-            assert "resumed from" in output
+            assert "resumed from" in output and "initial evaluation reused" in output
         logs[name] = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+        logs[f"{name}/metrics"] = json.loads((run_dir / "ppo" / "metrics.json").read_text())
     assert (
         [row["iteration"] for row in logs["killed"]]
         == [row["iteration"] for row in logs["straight"]]
         == [1, 2, 3, 4, 5, 6]
     )
+    assert "loss/ptx_avg" in logs["straight"][-1]
     for straight, resumed in zip(logs["straight"], logs["killed"], strict=True):
         for key, value in straight.items():
             if not key.startswith(("time/", "tokens_per_second/")):
                 assert resumed[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (straight["iteration"], key)
+    for key, value in logs["straight/metrics"].items():
+        if key.startswith(("eval_initial/", "eval/")):
+            assert logs["killed/metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
 @pytest.mark.slow
@@ -448,3 +461,103 @@ def test_shipped_toy_ppo_checker_recipe_gains_ten_points_over_early_sft(tmp_path
     assert metrics["eval_initial/exact_match"] == pytest.approx(results["sft"]["eval/exact_match"])
     assert gain >= 0.10
     assert manifest["duration_s"] < 600
+
+
+def make_trainer(recipe, work_dir: Path, compute_dtype: str = "float32", **args) -> PPOTrainer:
+    """A PPO trainer on the four roles of `recipe` (its SFT and reward stages already run), with `args`
+    overriding the PPO stage's and the base's compute dtype set to `compute_dtype`."""
+    recipe.model.quantization.compute_dtype = compute_dtype
+    stage, tokenizer, data, (model, value_head, reward, stats) = roles_of(recipe)
+    config = stage.args_class(**{**recipe.stage("ppo").args, **args})
+    return PPOTrainer(
+        config, model, value_head, reward, tokenizer, data.splits[TRAIN], work_dir, Tracker.disabled(),
+        reward_stats=stats, seed=0, compute_dtype=stage.compute_dtype(),
+    )  # fmt: skip
+
+
+def trainable_copy(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in trainer.trainable_state().items()}
+
+
+def test_one_bfloat16_ppo_step_at_a_small_learning_rate_changes_every_trainable_entry(trained, tmp_path):
+    """Float32 master weights: with a bfloat16 compute dtype the trainable adapters and the value head stay
+    in float32 (the passes run under autocast), so an AdamW step of about the learning rate, 1e-5, moves
+    every entry. Stored in bfloat16, most entries would not move: the step is below their rounding step."""
+    recipe, _ = trained
+    trainer = make_trainer(recipe, tmp_path / "work", "bfloat16", learning_rate=1e-5, num_mini_batches=1,
+                           num_ppo_epochs=1, max_grad_norm=None)  # fmt: skip
+    trainer._update_generator = torch.Generator().manual_seed(0)
+    assert all(tensor.dtype == torch.float32 for tensor in trainer.trainable_state().values())
+    before = trainable_copy(trainer)
+    torch.manual_seed(0)
+    rollout = trainer.rollout(trainer._prompt_batch(0))
+    assert rollout.logprobs.dtype == torch.float32
+    trainer.update(rollout)
+    after = trainer.trainable_state()
+    entries = sum(tensor.numel() for tensor in before.values())
+    changed = sum(int((after[name] != tensor).sum()) for name, tensor in before.items())
+    # The same step rounded to bfloat16 storage: what the old cast to the compute dtype kept of it.
+    kept_in_bf16 = sum(int((after[name].bfloat16() != tensor.bfloat16()).sum()) for name, tensor in before.items())
+    print(f"entries changed: {changed / entries:.5f} in float32, {kept_in_bf16 / entries:.3f} if stored in bfloat16")
+    assert changed / entries > 0.999  # every entry whose gradient is not vanishingly small
+    assert kept_in_bf16 / entries < 0.5
+
+
+def test_the_value_head_starts_in_the_units_of_the_normalised_rewards(trained, tmp_path):
+    """With value_from: reward, V starts as the reward head rescaled to (score − mean) / std, the units
+    of the rewards it predicts: at the last token of a conversation it equals the normalised reward."""
+    recipe, _ = trained
+    trainer = make_trainer(recipe, tmp_path / "work")
+    answers = Responses.from_texts(
+        trainer.tokenizer, [[{"role": "user", "content": "Reverse the string abc."}]] * 2, ["cba", "abc"]
+    )
+    raw = trainer.reward(answers)
+    normalised = (raw - trainer.reward_stats["mean"]) / trainer.reward_stats["std"]
+    suffix = turn_suffix_ids(trainer.tokenizer)
+    for row in range(2):
+        ids = torch.tensor([answers.sampled_ids(row, suffix) + [trainer.tokenizer.pad_token_id]])
+        with torch.no_grad():  # the value at the position after the last token reads the last token's state
+            values = trainer._values(ids, torch.ones_like(ids), ids.shape[1] - 1)
+        assert values[0, -1].item() == pytest.approx(normalised[row].item(), abs=1e-4)
+    assert abs(trainer.reward_stats["mean"]) > 0.05  # the old raw-unit start would differ by this offset
+
+
+def test_weight_decay_is_zero_by_default_and_configurable(trained, tmp_path):
+    recipe, _ = trained
+    trainer = make_trainer(recipe, tmp_path / "work")
+    assert {group["weight_decay"] for group in trainer.optimizer.param_groups} == {0.0}
+    trainer = make_trainer(recipe, tmp_path / "work2", weight_decay=0.1)
+    assert {group["weight_decay"] for group in trainer.optimizer.param_groups} == {0.1}
+
+
+def test_gradient_accumulation_leaves_the_update_unchanged(trained, tmp_path):
+    """One update of one rollout (ragged response lengths) with the mini-batch in one micro-batch and in
+    four: the same weights after it, because every loss is normalised by the mini-batch's token count."""
+    recipe, _ = trained
+    weights = []
+    for steps in (1, 4):
+        trainer = make_trainer(recipe, tmp_path / f"work{steps}", num_mini_batches=1, num_ppo_epochs=1,
+                               gradient_accumulation_steps=steps, learning_rate=1e-3)  # fmt: skip
+        trainer._update_generator = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        rollout = trainer.rollout(trainer._prompt_batch(0))
+        lengths = rollout.response_mask.sum(1)
+        assert lengths.min() < lengths.max()  # ragged rows, or the test could not tell the difference
+        trainer.update(rollout)
+        weights.append(trainer.trainable_state())
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, atol=2e-6, rtol=1e-4, msg=name)
+
+
+def test_a_checkpoint_of_another_config_is_refused_naming_what_changed(trained, tmp_path):
+    recipe, _ = trained
+    trainer = make_trainer(recipe, tmp_path / "work")
+    trainer._update_generator = torch.Generator().manual_seed(0)
+    trainer.save_checkpoint()
+    changed = make_trainer(recipe, tmp_path / "work", kl_coef=0.2)
+    changed._update_generator = torch.Generator().manual_seed(0)
+    with pytest.raises(RuntimeError, match=r"another config \(kl_coef: 0\.05 then, 0\.2 now\).*delete"):
+        changed.load_checkpoint()
+    same = make_trainer(recipe, tmp_path / "work")
+    same._update_generator = torch.Generator().manual_seed(0)
+    assert same.load_checkpoint()

@@ -13,46 +13,40 @@ import torch
 from tqdm.auto import tqdm
 
 from alignment.evaluation.checkers import resolve_checker
+from alignment.models.sampling import Responses, sample
 from alignment.recipes.schema import GenerationEvalConfig
 
 
-def render_prompts(tokenizer: Any, prompts: Sequence[list[dict]]) -> list[str]:
-    return [tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) for prompt in prompts]
-
-
 @torch.no_grad()
+def generate_responses(
+    model: Any, tokenizer: Any, prompts: Sequence[list[dict]], config: GenerationEvalConfig, desc: str = "generating"
+) -> list[Responses]:
+    """Responses to chat prompts in batches of `config.batch_size`, each batch with its token ids and texts."""
+    was_training = model.training
+    model.eval()
+    batches = []
+    try:
+        for start in tqdm(range(0, len(prompts), config.batch_size), desc=desc, leave=False):
+            batches.append(
+                sample(
+                    model,
+                    tokenizer,
+                    prompts[start : start + config.batch_size],
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                )
+            )
+    finally:
+        model.train(was_training)
+    return batches
+
+
 def generate_answers(
     model: Any, tokenizer: Any, prompts: Sequence[list[dict]], config: GenerationEvalConfig, desc: str = "generating"
 ) -> list[str]:
-    """Answers each chat prompt; left padding so every answer starts right after its prompt."""
-    was_training = model.training
-    model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers: list[str] = []
-    texts = render_prompts(tokenizer, prompts)
-    try:
-        for start in tqdm(range(0, len(texts), config.batch_size), desc=desc, leave=False):
-            batch = tokenizer(
-                texts[start : start + config.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(model.device)
-            sampling = config.temperature > 0
-            output = model.generate(
-                **batch,
-                max_new_tokens=config.max_new_tokens,
-                do_sample=sampling,
-                temperature=config.temperature if sampling else None,
-                top_p=config.top_p if sampling else None,
-                top_k=None,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-            )
-            completions = output[:, batch["input_ids"].shape[1] :]
-            answers += tokenizer.batch_decode(completions, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return answers
+    """Answers to chat prompts as text, greedy or sampled as `config` says (see `alignment.models.sampling`)."""
+    return [text for batch in generate_responses(model, tokenizer, prompts, config, desc) for text in batch.texts]
 
 
 def score_answers(examples: Sequence[dict], answers: Sequence[str], prefix: str) -> tuple[dict[str, float], list]:

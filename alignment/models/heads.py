@@ -93,14 +93,25 @@ class AttentionScalarHead(nn.Module):
 
     kind = "attention"
 
-    def __init__(self, hidden_size: int, heads: int = 64, head_dim: int = 8, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int = 64,
+        head_dim: int = 8,
+        dtype: torch.dtype | None = None,
+        bias: bool = False,
+    ):
         super().__init__()
         self.heads, self.head_dim, self.hidden_size = heads, head_dim, hidden_size
         self.query_weight = nn.Parameter(torch.zeros(heads * head_dim, hidden_size, dtype=dtype))
         self.key_weight = nn.Parameter(torch.empty(heads * head_dim, hidden_size, dtype=dtype))
         self.value_weight = nn.Parameter(torch.empty(heads, hidden_size, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=dtype)) if bias else None
         nn.init.kaiming_uniform_(self.key_weight, a=math.sqrt(5))
         nn.init.normal_(self.value_weight, std=hidden_size**-0.5)
+
+    def _plus_bias(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores if self.bias is None else scores + self.bias
 
     def options(self) -> dict[str, int]:
         return {"heads": self.heads, "head_dim": self.head_dim}
@@ -135,7 +146,7 @@ class AttentionScalarHead(nn.Module):
             allowed = allowed & attention_mask.bool()[:, None, None, :]
             allowed = allowed | torch.eye(length, dtype=torch.bool, device=hidden.device)
         pooled = nn.functional.scaled_dot_product_attention(self._queries(hidden), key, value, attn_mask=allowed)
-        return pooled.squeeze(-1).sum(1)
+        return self._plus_bias(pooled.squeeze(-1).sum(1))
 
     def last_token_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The score at each row's last real token, (batch,): the same number as `token_scores` there."""
@@ -145,7 +156,7 @@ class AttentionScalarHead(nn.Module):
         key, value = self._keys_and_values(hidden)
         allowed = attention_mask.bool()[:, None, None, :]  # every real token is at or before the last one
         pooled = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
-        return pooled.squeeze(-1).squeeze(-1).sum(1)
+        return self._plus_bias(pooled.squeeze(-1).squeeze(-1).sum(1))
 
 
 def build_score_head(config: ScoreHeadConfig, hidden_size: int, dtype: torch.dtype | None = None) -> nn.Module:
@@ -153,6 +164,20 @@ def build_score_head(config: ScoreHeadConfig, hidden_size: int, dtype: torch.dty
     if config.type == "linear":
         return ScalarHead(hidden_size, dtype=dtype)
     return AttentionScalarHead(hidden_size, config.heads, config.head_dim, dtype=dtype)
+
+
+@torch.no_grad()
+def affine_head(head: nn.Module, scale: float, shift: float) -> nn.Module:
+    """A copy of `head`, in float32, whose every score is `scale * score + shift` (with a bias to carry the shift).
+
+    PPO's value role starts as the reward head but predicts returns in the units of the normalised
+    rewards, (score - mean) / std: started in raw units, a constant offset in V would bias every advantage.
+    """
+    tensors = {name: tensor.detach().float().clone() for name, tensor in head.state_dict().items()}
+    scaled = "weight" if head.kind == "linear" else "value_weight"
+    tensors[scaled] = tensors[scaled] * scale
+    tensors["bias"] = tensors.get("bias", torch.zeros(1)) * scale + shift
+    return head_from_weights(tensors, head.kind, head.options())
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -277,7 +302,9 @@ def head_from_weights(tensors: dict[str, torch.Tensor], kind: str, options: dict
         head = ScalarHead(tensors["weight"].shape[-1], bias="bias" in tensors, dtype=tensors["weight"].dtype)
     elif kind == "attention":
         value = tensors["value_weight"]
-        head = AttentionScalarHead(value.shape[-1], options["heads"], options["head_dim"], dtype=value.dtype)
+        head = AttentionScalarHead(
+            value.shape[-1], options["heads"], options["head_dim"], dtype=value.dtype, bias="bias" in tensors
+        )
     else:
         raise ValueError(f"unknown score head kind {kind!r}; known: 'linear', 'attention'")
     head.load_state_dict(tensors)

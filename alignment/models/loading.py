@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_model_path(config: ModelConfig) -> str:
-    return str(ensure_toy_base()) if config.name_or_path == TOY_MODEL_NAME else config.name_or_path
+    """`toy`, a local folder (`~` expanded) or a hub id."""
+    if config.name_or_path == TOY_MODEL_NAME:
+        return str(ensure_toy_base())
+    return str(Path(config.name_or_path).expanduser()) if config.name_or_path.startswith("~") else config.name_or_path
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -46,9 +49,12 @@ def load_tokenizer(config: ModelConfig, chat_template: str) -> PreTrainedTokeniz
     )
     apply_chat_template_choice(tokenizer, chat_template)
     if tokenizer.pad_token is None:
-        # Many base models ship no pad token; padding positions are masked, so any token works, but the
-        # unknown token is preferred so that a real end-of-sequence is never confused with padding.
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        # Many base models ship no pad token. Padding positions are masked, so any token works; one that
+        # never ends a turn is preferred (the unknown token, a reserved pad token such as Llama 3's
+        # <|finetune_right_pad_id|>), so that tools that find the last token by the pad id (transformers'
+        # sequence classifiers) never mistake a real end of turn for padding.
+        reserved = [token.content for token in tokenizer.added_tokens_decoder.values() if "pad" in token.content]
+        tokenizer.pad_token = tokenizer.unk_token or (reserved[0] if reserved else tokenizer.eos_token)
     return tokenizer
 
 

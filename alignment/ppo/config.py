@@ -37,7 +37,11 @@ class PPOConfig:
         num_mini_batches: Mini-batches per PPO epoch; each is one optimiser step. `mini_batch_size`
             is derived: `rollout_batch_size / num_mini_batches`.
         gradient_accumulation_steps: Micro-batches a mini-batch is split into for the forward and
-            backward passes, to bound activation memory; the optimiser still steps once per mini-batch.
+            backward passes, to bound activation memory; the optimiser still steps once per mini-batch,
+            with the same gradient (every loss is normalised by the mini-batch's token count).
+        weight_decay: AdamW's decoupled weight decay on the trainable adapters and the value head. 0 by
+            default: decay pulls the policy's LoRA weights towards the bare base, not towards the SFT
+            policy it starts from (the KL penalty is the anchor).
         max_grad_norm: Clip the global gradient norm of each optimiser step to this value; None: no clipping.
         total_episodes: Episodes (prompt-response pairs) to train on in all. At most one of
             `total_episodes` and `num_iterations`; neither: one pass over the prompt dataset.
@@ -51,10 +55,12 @@ class PPOConfig:
         top_p: Nucleus sampling threshold; 1.0 samples from the full (temperature-scaled) distribution.
             Below 1 the samples come from a truncated distribution while the log-probs do not, which
             biases the importance ratio; keep 1.0 unless you know you want it.
-        max_new_tokens: Longest response sampled, in tokens; responses are cut after their first EOS.
+        max_new_tokens: Longest response sampled, in tokens; responses are cut after their first stop
+            token (the tokenizer's EOS, the model's generation-config EOS list, the template's end of turn).
         missing_eos_penalty: Subtracted from the score of every response that reached
-            `max_new_tokens` without an EOS, to discourage rambling; None: no penalty
-            (TRL's PPO examples use 1.0).
+            `max_new_tokens` without a stop token, to discourage rambling; None: no penalty. The
+            default 1.0 (TRL's PPO examples' value) is one standard deviation of the normalised
+            reward-model score; such a response is also scored as it is, visibly unfinished.
 
         > Reward
 
@@ -103,6 +109,7 @@ class PPOConfig:
     rollout_batch_size: int = 64
     num_mini_batches: int = 4
     gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     total_episodes: int | None = None
     num_iterations: int | None = None
@@ -111,7 +118,7 @@ class PPOConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 64
-    missing_eos_penalty: float | None = None
+    missing_eos_penalty: float | None = 1.0
 
     # Reward
     normalize_reward: bool = True
@@ -159,6 +166,7 @@ class PPOConfig:
             "gradient_accumulation_steps",
             f"must divide the mini-batch size (rollout_batch_size / num_mini_batches = {self.mini_batch_size})",
         )
+        require(self.weight_decay >= 0, "weight_decay", "must be zero or positive")
         require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be positive or null")
         if self.total_episodes is not None and self.num_iterations is not None:
             raise RecipeError("total_episodes", "give total_episodes or num_iterations, not both")

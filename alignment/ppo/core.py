@@ -60,27 +60,6 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return torch.logsumexp(scaled_logits, dim=-1) - (probabilities * scaled_logits).sum(dim=-1)
 
 
-def truncate_after_eos(
-    response_tokens: torch.Tensor, eos_id: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cuts each sampled response after its first EOS.
-
-    Returns (tokens with everything after the first EOS set to `pad_id`, mask with 1 up to and
-    including the first EOS, contains_eos per row). A row without EOS keeps all its tokens; it hit
-    the length limit, and `contains_eos` is False so the missing-EOS penalty can apply.
-    """
-    is_eos = response_tokens == eos_id
-    contains_eos = is_eos.any(dim=1)
-    length = response_tokens.shape[1]
-    positions = torch.arange(length, device=response_tokens.device).expand_as(response_tokens)
-    first_eos = torch.where(
-        contains_eos, is_eos.int().argmax(dim=1), torch.full_like(contains_eos, length, dtype=torch.long)
-    )
-    mask = positions <= first_eos.unsqueeze(1)
-    truncated_tokens = torch.where(mask, response_tokens, torch.full_like(response_tokens, pad_id))
-    return truncated_tokens, mask.long(), contains_eos
-
-
 # Masked statistics
 
 
@@ -95,6 +74,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     if dim is None:
         return selected.sum() / real.sum()
     return selected.sum(dim) / real.sum(dim)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` over positions where `mask` is 1 (padding selected out, as in `masked_mean`)."""
+    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -241,24 +225,32 @@ def compute_gae(
 # Losses
 
 
+def token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | int | None) -> torch.Tensor:
+    """The masked mean, or with `num_tokens` the masked sum divided by it (a share of a larger batch's mean)."""
+    return masked_mean(values, mask) if num_tokens is None else masked_sum(values, mask) / num_tokens
+
+
 def policy_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
+    num_tokens: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate, as a loss to minimise; returns (loss, approxkl, clipfrac).
 
     ratio = exp(log pi_new - log pi_old); loss = mean over real tokens of
     max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)). approxkl = 1/2 * mean((log pi_new - log pi_old)^2)
     and clipfrac (the share of tokens where the clipped term is the larger) are diagnostics, detached.
+    With `num_tokens` the loss is the sum over these tokens divided by it (the real tokens of the whole
+    mini-batch that this micro-batch is part of), so accumulating micro-batches gives the mini-batch's mean.
     """
     log_ratio = new_logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped_losses = -advantages * ratio
     clipped_losses = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped_losses, clipped_losses), mask)
+    loss = token_mean(torch.max(unclipped_losses, clipped_losses), mask, num_tokens)
     with torch.no_grad():
         approxkl = 0.5 * masked_mean(log_ratio**2, mask)
         clipfrac = masked_mean((clipped_losses > unclipped_losses).float(), mask)
@@ -271,13 +263,15 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     cliprange_value: float,
+    num_tokens: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss, 1/2 * mean of max((V_new - R)^2, (clip(V_new, V_old +/- eps_v) - R)^2);
-    returns (loss, clipfrac), clipfrac being the share of tokens where the clipped term is the larger."""
+    returns (loss, clipfrac), clipfrac being the share of tokens where the clipped term is the larger.
+    `num_tokens` as in `policy_loss`."""
     clipped_values = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
     unclipped_losses = (new_values - returns) ** 2
     clipped_losses = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_losses, clipped_losses), mask)
+    loss = 0.5 * token_mean(torch.max(unclipped_losses, clipped_losses), mask, num_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((clipped_losses > unclipped_losses).float(), mask)
     return loss, clipfrac

@@ -12,12 +12,13 @@ adapters are switched with `active_adapter`, which leaves requires_grad alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,15 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from alignment.evaluation.checkers import resolve_checker
-from alignment.evaluation.generation import render_prompts
 from alignment.models.heads import (
     active_adapter,
     decoder_stack,
-    encode_conversations,
+    final_hidden_states,
+    last_token_index,
     positions_from_mask,
     sequence_scores,
 )
+from alignment.models.sampling import Responses, sample, turn_suffix_ids
 from alignment.ppo import core
 from alignment.ppo.config import PPOConfig
 from alignment.tracking import Tracker
@@ -46,8 +48,9 @@ from alignment.tracking import Tracker
 POLICY, REFERENCE, REWARD, VALUE = "policy", "reference", "reward", "value"
 CHECKPOINT = "ppo_checkpoint.pt"
 
-# A reward source maps (prompts, response texts) to one score each; the reward role or a Python function.
-RewardSource = Callable[[list[list[dict]], list[str]], torch.Tensor]
+# A reward source maps sampled responses to one score each: the reward role, a separate reward model or a
+# Python function. It gets the token ids too, so a reward model scores exactly what was sampled.
+RewardSource = Callable[[Responses], torch.Tensor]
 
 
 @dataclass
@@ -77,37 +80,62 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
 
-def adapter_reward(model: PeftModel, head: torch.nn.Module, tokenizer: Any) -> RewardSource:
-    """The reward role: the reward adapter and its head score prompt + response, as the reward stage trained them."""
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def adapter_reward(model: PeftModel, head: torch.nn.Module, tokenizer: Any, batch_size: int = 16) -> RewardSource:
+    """The reward role: the reward adapter and its head score the sampled token ids themselves.
+
+    A finished response gets the template's text after the end-of-turn token (ChatML's newline), so it
+    is read at the token the reward stage trained at; a response cut at the length limit is scored as
+    it is, visibly unfinished, and any special token the policy emitted stays in view.
+    """
+    suffix = turn_suffix_ids(tokenizer)
 
     @torch.no_grad()
-    def score(prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
-        conversations = [
-            prompt + [{"role": "assistant", "content": text}] for prompt, text in zip(prompts, responses, strict=True)
-        ]
-        batch = encode_conversations(tokenizer, conversations)
+    def score(responses: Responses) -> torch.Tensor:
+        sequences = [responses.sampled_ids(row, suffix) for row in range(len(responses))]
         device = model.get_input_embeddings().weight.device
-        return sequence_scores(
-            model, head, batch["input_ids"].to(device), batch["attention_mask"].to(device), adapter=REWARD
-        )
+        scores = []
+        for chunk in _batches(sequences, batch_size):
+            batch = tokenizer.pad({"input_ids": list(chunk)}, padding=True, return_tensors="pt").to(device)
+            scores.append(sequence_scores(model, head, batch["input_ids"], batch["attention_mask"], adapter=REWARD))
+        return torch.cat(scores)
 
     return score
 
 
-def separate_model_reward(model: Any, tokenizer: Any, batch_size: int = 16) -> RewardSource:
-    """A reward model of its own: its tokenizer renders prompt + response with its chat template, and
-    its classification head scores the last token, as the model was trained (TRL's RewardTrainer does the same)."""
+def separate_model_reward(model: Any, tokenizer: Any, policy_tokenizer: Any, batch_size: int = 16) -> RewardSource:
+    """A reward model of its own, with its own tokenizer and chat template, read at the last real token
+    (found from the attention mask, not from the pad id), as TRL's RewardTrainer trains one.
+
+    The response is decoded with its special tokens; a finished one is rendered as a closed assistant
+    turn, a cut one after the generation prompt with nothing closing it.
+    """
+
+    def render(responses: Responses, row: int) -> str:
+        ids = responses.response_ids[row][responses.response_mask[row].bool()]
+        if bool(responses.ended[row]):
+            ids = ids[:-1]  # the stop token: the reward model's template closes the turn its own way
+        text = policy_tokenizer.decode(ids, skip_special_tokens=False)
+        prompt = responses.prompts[row]
+        if bool(responses.ended[row]):
+            return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": text}], tokenize=False)
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + text
 
     @torch.no_grad()
-    def score(prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
-        conversations = [
-            prompt + [{"role": "assistant", "content": text}] for prompt, text in zip(prompts, responses, strict=True)
-        ]
+    def score(responses: Responses) -> torch.Tensor:
+        texts = [render(responses, row) for row in range(len(responses))]
         device = model.get_input_embeddings().weight.device
         scores = []
-        for start in range(0, len(conversations), batch_size):
-            batch = encode_conversations(tokenizer, conversations[start : start + batch_size])
-            scores.append(model(**{key: value.to(device) for key, value in batch.items()}).logits[:, 0].float())
+        for chunk in _batches(texts, batch_size):
+            batch = tokenizer(list(chunk), padding=True, return_tensors="pt", add_special_tokens=False).to(device)
+            hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+            rows = torch.arange(hidden.shape[0], device=device)
+            last = hidden[rows, last_token_index(batch["attention_mask"])]
+            scores.append(model.score(last.to(model.score.weight.dtype)).squeeze(-1).float())
         return torch.cat(scores)
 
     return score
@@ -116,15 +144,20 @@ def separate_model_reward(model: Any, tokenizer: Any, batch_size: int = 16) -> R
 def function_reward(function: Callable, references: dict[str, str]) -> RewardSource:
     """A Python reward `f(prompts, responses, references) -> list[float]`, e.g. a gold-answer check."""
 
-    def score(prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
-        refs = [references.get(prompt[-1]["content"], "") for prompt in prompts]
-        return torch.tensor(function(prompts, responses, refs), dtype=torch.float32)
+    def score(responses: Responses) -> torch.Tensor:
+        refs = [references.get(prompt[-1]["content"], "") for prompt in responses.prompts]
+        return torch.tensor(function(responses.prompts, responses.texts, refs), dtype=torch.float32)
 
     return score
 
 
 class PPOTrainer:
-    """Runs PPO iterations over a prompt dataset; resumable from its last checkpoint."""
+    """Runs PPO iterations over a prompt dataset; resumable from its last checkpoint.
+
+    Trainable weights (the policy and value adapters and the value head) stay in float32, the master
+    weights; with a bfloat16 or float16 `compute_dtype` every forward pass runs under autocast, so an
+    optimiser step smaller than a bfloat16 rounding step is not lost.
+    """
 
     def __init__(
         self,
@@ -137,17 +170,21 @@ class PPOTrainer:
         work_dir: Path,
         tracker: Tracker,
         reward_stats: dict | None = None,
-        ptx_batches: Callable[[int], dict[str, torch.Tensor]] | None = None,
+        ptx_batches: Any = None,
         seed: int = 0,
+        compute_dtype: torch.dtype = torch.float32,
     ):
         self.config, self.model, self.value_head, self.reward = config, model, value_head, reward
         self.tokenizer, self.prompts, self.work_dir, self.tracker = tokenizer, prompts, Path(work_dir), tracker
         self.reward_stats, self.ptx_batches, self.seed = reward_stats, ptx_batches, seed
         self.accelerator = Accelerator()
         self.device = self.accelerator.device
+        self.compute_dtype = compute_dtype
         self.value_head.to(self.device)
         trainable = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5)
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay
+        )
         self.num_iterations = self._count_iterations()
         total_steps = self.num_iterations * config.num_ppo_epochs * config.num_mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -178,79 +215,88 @@ class PPOTrainer:
         return rows
 
     # ---- forward passes of each role ----------------------------------------------------------
+    def autocast(self) -> torch.autocast:
+        """Mixed precision for every pass: the compute dtype's matmuls over float32 master weights."""
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
+
     @property
     def unwrapped(self) -> PeftModel:
         """The PeftModel under accelerate's wrapper: adapters are switched on it, forwards go through the wrapper."""
         return self.accelerator.unwrap_model(self.model)
 
-    def _logits(self, adapter: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with active_adapter(self.unwrapped, adapter):
-            return self.model(
+    def _response_logits(
+        self, adapter: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+    ) -> torch.Tensor:
+        """Logits that predict each response token (positions response_start - 1 … end - 1), and no others:
+        the LM head never runs on the prompt, which for a large vocabulary is most of a pass's memory."""
+        with active_adapter(self.unwrapped, adapter), self.autocast():
+            logits = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=positions_from_mask(attention_mask),
                 use_cache=False,
+                logits_to_keep=input_ids.shape[1] - response_start + 1,
             ).logits
+        return logits[:, :-1]
+
+    def _logprobs(
+        self, adapter: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, temperature: float
+    ) -> torch.Tensor:
+        logits = self._response_logits(adapter, input_ids, attention_mask, start)
+        return core.logprobs_from_logits(logits, input_ids[:, start:], temperature)
+
+    @torch.no_grad()
+    def sequence_kl(self, responses: Responses, temperature: float) -> torch.Tensor:
+        """Σ_t log π_θ(y_t) − log π_SFT(y_t) over each sampled response: a per-response estimate of the KL
+        to the SFT policy (its mean over responses sampled at `temperature` from π_θ is the KL itself)."""
+        start = responses.query_ids.shape[1]
+        ids = torch.cat([responses.query_ids, responses.response_ids], dim=1).to(self.device)
+        mask = torch.cat([responses.query_mask, responses.response_mask], dim=1).to(self.device)
+        log_ratio = self._logprobs(POLICY, ids, mask, start, temperature) - self._logprobs(
+            REFERENCE, ids, mask, start, temperature
+        )
+        return (log_ratio * mask[:, start:]).sum(1).cpu()
 
     def _values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
         """V(s_t) for each response token t: the value head's score at position t − 1 (it reads only up to there)."""
-        with active_adapter(self.unwrapped, VALUE):
+        with active_adapter(self.unwrapped, VALUE), self.autocast():
             hidden = decoder_stack(self.unwrapped)(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=positions_from_mask(attention_mask),
                 use_cache=False,
             ).last_hidden_state
-        return self.value_head.token_scores(hidden, attention_mask)[:, response_start - 1 : -1].float()
+            return self.value_head.token_scores(hidden, attention_mask)[:, response_start - 1 : -1].float()
 
     def _micro_batches(self, size: int) -> list[slice]:
-        micro = max(
-            1, self.config.rollout_batch_size // self.config.num_mini_batches // self.config.gradient_accumulation_steps
-        )
+        micro = max(1, self.config.micro_batch_size)
         return [slice(start, min(start + micro, size)) for start in range(0, size, micro)]
 
     # ---- rollout ------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, rows: Sequence[dict]) -> Rollout:
-        config, tokenizer = self.config, self.tokenizer
-        prompts = [row["prompt"] for row in rows]
-        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            query = tokenizer(
-                render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False
-            )
-        finally:
-            tokenizer.padding_side = padding_side
-        query_ids, query_mask = query["input_ids"].to(self.device), query["attention_mask"].to(self.device)
-        with active_adapter(self.unwrapped, POLICY):
-            generated = self.unwrapped.generate(
-                input_ids=query_ids,
-                attention_mask=query_mask,
-                do_sample=True,
+        config = self.config
+        with active_adapter(self.unwrapped, POLICY), self.autocast():
+            sampled = sample(
+                self.unwrapped,
+                self.tokenizer,
+                [row["prompt"] for row in rows],
+                max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature,
                 top_p=config.top_p,
-                top_k=0,
-                max_new_tokens=config.max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
             )
-        response_ids, response_mask, contains_eos = core.truncate_after_eos(
-            generated[:, query_ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
-        )
-        start = query_ids.shape[1]
-        input_ids = torch.cat([query_ids, response_ids], dim=1)
-        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        start = sampled.query_ids.shape[1]
+        input_ids = torch.cat([sampled.query_ids, sampled.response_ids], dim=1).to(self.device)
+        attention_mask = torch.cat([sampled.query_mask, sampled.response_mask], dim=1).to(self.device)
         logprobs, reference_logprobs, values = [], [], []
         for part in self._micro_batches(len(rows)):
             ids, mask = input_ids[part], attention_mask[part]
-            logprobs.append(core.response_logprobs(self._logits(POLICY, ids, mask), ids, start, config.temperature))
-            reference_logprobs.append(
-                core.response_logprobs(self._logits(REFERENCE, ids, mask), ids, start, config.temperature)
-            )
+            logprobs.append(self._logprobs(POLICY, ids, mask, start, config.temperature))
+            reference_logprobs.append(self._logprobs(REFERENCE, ids, mask, start, config.temperature))
             values.append(self._values(ids, mask, start))
-        responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        raw_scores = self.reward(prompts, responses).to(self.device)
+        with self.autocast():
+            raw_scores = self.reward(sampled).to(self.device)
         scores = raw_scores
         if config.normalize_reward and self.reward_stats:
             scores = core.normalize_scores(
@@ -258,22 +304,27 @@ class PPOTrainer:
             )
         elif config.reward_clip is not None:
             scores = scores.clamp(-config.reward_clip, config.reward_clip)
-        scores = core.apply_missing_eos_penalty(scores, contains_eos, config.missing_eos_penalty)
+        ended = sampled.ended.to(self.device)
+        scores = core.apply_missing_eos_penalty(scores, ended, config.missing_eos_penalty)
         gold = [
             bool(resolve_checker(row["checker"])(text, row["reference"]))
             if row.get("checker") and row.get("reference")
             else None
-            for row, text in zip(rows, responses, strict=True)
+            for row, text in zip(rows, sampled.texts, strict=True)
         ]
         return Rollout(
-            query_ids, query_mask, response_ids, response_mask, contains_eos,
+            input_ids[:, :start], attention_mask[:, :start], input_ids[:, start:], attention_mask[:, start:], ended,
             torch.cat(logprobs), torch.cat(reference_logprobs), torch.cat(values),
-            scores, raw_scores, responses, prompts, gold,
+            scores, raw_scores, sampled.texts, sampled.prompts, gold,
         )  # fmt: skip
 
     # ---- update -------------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> dict[str, float]:
-        """Rewards → GAE → num_ppo_epochs passes of clipped policy and value updates over mini-batches."""
+        """Rewards → GAE → num_ppo_epochs passes of clipped policy and value updates over mini-batches.
+
+        Every loss is a sum over the mini-batch's real tokens divided by their count, whatever the
+        micro-batches: gradient accumulation changes only the memory a step needs, never its gradient.
+        """
         config = self.config
         mask = rollout.response_mask
         kl = core.kl_penalty(rollout.logprobs, rollout.reference_logprobs, config.kl_estimator)
@@ -286,44 +337,48 @@ class PPOTrainer:
         input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
         batch_size = len(rollout.responses)
         mini_batch_size = batch_size // config.num_mini_batches
-        stats: dict[str, list[float]] = defaultdict(list)
+        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(config.num_ppo_epochs):
             order = torch.randperm(batch_size, generator=self._update_generator)
             for first in range(0, batch_size, mini_batch_size):
-                mini_batch = order[first : first + mini_batch_size]
+                mini_batch = order[first : first + mini_batch_size].to(self.device)
+                num_tokens = mask[mini_batch].sum().clamp(min=1)
+                ptx = self.ptx_batches(len(mini_batch)) if config.ptx_coef > 0 and self.ptx_batches else None
                 self.optimizer.zero_grad(set_to_none=True)
-                micro_parts = self._micro_batches(len(mini_batch))
-                for part in micro_parts:
-                    rows = mini_batch[part].to(self.device)
+                totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+                for part in self._micro_batches(len(mini_batch)):
+                    rows = mini_batch[part]
                     ids, row_mask, response_mask = input_ids[rows], attention_mask[rows], mask[rows]
-                    logits = self._logits(POLICY, ids, row_mask)
-                    new_logprobs = core.response_logprobs(logits, ids, start, config.temperature)
-                    entropy = core.masked_mean(
-                        core.entropy_from_logits(logits[:, start - 1 : -1], config.temperature), response_mask
-                    )
+                    logits = self._response_logits(POLICY, ids, row_mask, start)
+                    new_logprobs = core.logprobs_from_logits(logits, ids[:, start:], config.temperature)
+                    with torch.set_grad_enabled(config.entropy_coef > 0 and torch.is_grad_enabled()):
+                        entropy = core.masked_sum(core.entropy_from_logits(logits, config.temperature), response_mask)
                     new_values = self._values(ids, row_mask, start)
                     policy_loss, approxkl, clipfrac = core.policy_loss(
-                        new_logprobs, rollout.logprobs[rows], advantages[rows], response_mask, config.cliprange
-                    )
+                        new_logprobs, rollout.logprobs[rows], advantages[rows], response_mask, config.cliprange,
+                        num_tokens=num_tokens,
+                    )  # fmt: skip
                     value_loss, value_clipfrac = core.value_loss(
-                        new_values, rollout.values[rows], returns[rows], response_mask, config.cliprange_value
-                    )
-                    loss = policy_loss + config.vf_coef * value_loss - config.entropy_coef * entropy
-                    if config.ptx_coef > 0 and self.ptx_batches is not None:
-                        ptx = self.ptx_batches(len(rows))
-                        with active_adapter(self.unwrapped, POLICY):
-                            ptx_loss = self.model(**{k: v.to(self.device) for k, v in ptx.items()}).loss
+                        new_values, rollout.values[rows], returns[rows], response_mask, config.cliprange_value,
+                        num_tokens=num_tokens,
+                    )  # fmt: skip
+                    loss = policy_loss + config.vf_coef * value_loss - config.entropy_coef * entropy / num_tokens
+                    if ptx is not None:
+                        ptx_loss = self._ptx_loss({key: value[part] for key, value in ptx.items()}, ptx["labels"])
                         loss = loss + config.ptx_coef * ptx_loss
-                        stats["loss/ptx_avg"].append(ptx_loss.item())
-                    self.accelerator.backward(loss / len(micro_parts))
-                    stats["loss/policy_avg"].append(policy_loss.item())
-                    stats["loss/value_avg"].append(value_loss.item())
-                    stats["policy/approxkl_avg"].append(approxkl.item())
-                    stats["policy/clipfrac_avg"].append(clipfrac.item())
-                    stats["policy/entropy_avg"].append(entropy.item())
-                    stats["val/clipfrac_avg"].append(value_clipfrac.item())
-                    ratio = torch.exp(new_logprobs - rollout.logprobs[rows])
-                    stats["val/ratio"].append(core.masked_mean(ratio, response_mask).item())
+                        totals["loss/ptx_avg"] += ptx_loss.detach()
+                    self.accelerator.backward(loss)
+                    share = response_mask.sum() / num_tokens  # this micro-batch's share of the mini-batch's tokens
+                    ratio = torch.exp(new_logprobs.detach() - rollout.logprobs[rows])
+                    totals["loss/policy_avg"] += policy_loss.detach()
+                    totals["loss/value_avg"] += value_loss.detach()
+                    totals["policy/approxkl_avg"] += approxkl * share
+                    totals["policy/clipfrac_avg"] += clipfrac * share
+                    totals["policy/entropy_avg"] += entropy.detach() / num_tokens
+                    totals["val/clipfrac_avg"] += value_clipfrac * share
+                    totals["val/ratio"] += core.masked_sum(ratio, response_mask) / num_tokens
+                for key, total in totals.items():
+                    stats[key].append(total)
                 self._average_value_head_gradients()
                 if config.max_grad_norm is not None:
                     params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -333,7 +388,7 @@ class PPOTrainer:
 
         sequence_kl = (kl * mask).sum(1)
         non_score_reward = (-kl_coef * kl * mask).sum(1)
-        metrics = {key: float(np.mean(values)) for key, values in stats.items()}
+        metrics = {key: torch.stack(values).mean().item() for key, values in stats.items()}  # one host sync
         metrics |= {
             "objective/kl": sequence_kl.mean().item(),
             "objective/entropy": (-rollout.logprobs * mask).sum(1).mean().item(),
@@ -349,6 +404,15 @@ class PPOTrainer:
         metrics = self._mean_over_processes(metrics)
         self.kl_controller.update(metrics["objective/kl"], batch_size * self.accelerator.num_processes)
         return metrics
+
+    def _ptx_loss(self, micro_batch: dict[str, torch.Tensor], mini_batch_labels: torch.Tensor) -> torch.Tensor:
+        """PPO-ptx's language-modelling loss on one micro-batch: its summed token NLL divided by the label
+        tokens of the whole mini-batch, so accumulation does not reweight it either."""
+        num_items = (mini_batch_labels[:, 1:] != -100).sum().clamp(min=1).to(self.device)
+        with active_adapter(self.unwrapped, POLICY), self.autocast():
+            return self.model(
+                **{key: value.to(self.device) for key, value in micro_batch.items()}, num_items_in_batch=num_items
+            ).loss
 
     # ---- several processes ----------------------------------------------------------------------
     def _average_value_head_gradients(self) -> None:
@@ -443,12 +507,14 @@ class PPOTrainer:
         return state
 
     def save_checkpoint(self) -> Path:
-        """Everything needed to continue exactly: trainable weights, optimiser, scheduler, KL
-        controller, random generators, counters and history, written atomically."""
+        """Everything needed to continue exactly: trainable weights, optimiser, scheduler, KL controller,
+        the PPO-ptx sampler, random generators, counters and history, and the config that wrote them,
+        written atomically."""
         rng = gather_object([self._rng_state()])  # every process's generators, so each resumes its own stream
         if not self.accelerator.is_main_process:
             return self.work_dir / CHECKPOINT
         state = {
+            "config": dataclasses.asdict(self.config),
             "iteration": self.iteration,
             "episode": self.episode,
             "history": self.history,
@@ -456,6 +522,7 @@ class PPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
+            "ptx_sampler": self.ptx_batches.state_dict() if self.ptx_batches is not None else None,
             "rng": rng,
         }
         path = self.work_dir / CHECKPOINT
@@ -479,6 +546,17 @@ class PPOTrainer:
         if not path.exists():
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
+        changed = {
+            key: (value, getattr(self.config, key, None))
+            for key, value in state.get("config", {}).items()
+            if value != getattr(self.config, key, None)
+        }
+        if changed or "config" not in state:
+            differences = ", ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changed.items())
+            raise RuntimeError(
+                f"{path} was written by a PPO run with another config ({differences or 'unknown'}); resuming "
+                f"would mix the two runs. Put the config back to continue it, or delete {self.work_dir} to start afresh"
+            )
         parameters = dict(self.unwrapped.named_parameters())
         head_state = {}
         for name, tensor in state["trainable"].items():
@@ -490,6 +568,8 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.ptx_batches is not None and state.get("ptx_sampler") is not None:
+            self.ptx_batches.load_state_dict(state["ptx_sampler"])
         if len(state["rng"]) != self.accelerator.num_processes:
             raise RuntimeError(
                 f"{path} was written by {len(state['rng'])} process(es), this run has "

@@ -133,6 +133,7 @@ class GenerationEvalConfig:
     batch_size: int = 32
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    before_training: bool = False  # SFT: also evaluate the starting model (loss and answers) as `<split>_initial`
 
 
 @dataclass

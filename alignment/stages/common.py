@@ -12,8 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from alignment.data.build import EVAL, EVAL_HELD_OUT, StageData
 from alignment.evaluation.generation import SAMPLE_COLUMNS, evaluate_generation
 from alignment.io import write_jsonl
-from alignment.models.loading import torch_dtype
-from alignment.recipes.schema import GenerationEvalConfig, ModelConfig
+from alignment.recipes.schema import GenerationEvalConfig
 from alignment.tracking import Tracker
 
 
@@ -29,18 +28,17 @@ def last_checkpoint(work_dir: Path) -> str | None:
     return get_last_checkpoint(str(work_dir)) if Path(work_dir).is_dir() else None
 
 
-def match_adapter_dtype(model: torch.nn.Module, config: ModelConfig) -> None:
-    """Keeps LoRA weights in the recipe's compute dtype.
+def keep_float32_master_weights(model: torch.nn.Module) -> None:
+    """Keeps every trainable weight (LoRA, heads) in float32; a bfloat16 run computes under autocast.
 
-    TRL casts adapters on quantized bases to bfloat16 (QLoRA's choice on GPUs); on a CPU, or when
-    the recipe asks for float32, that only loses precision and speed.
+    TRL casts adapters on quantized bases to bfloat16 (QLoRA's choice at SFT learning rates). An
+    AdamW step of about the learning rate is then lost wherever it is below half a bfloat16 step of
+    the weight: at the learning rates of DPO, reward models and PPO most of an update vanishes
+    (`scripts/bench_master_weights.py` measures the share that survives).
     """
-    dtype = torch_dtype(config.quantization.compute_dtype)
-    if config.quantization.mode == "none" or dtype == torch.bfloat16:
-        return
     for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != dtype:
-            parameter.data = parameter.data.to(dtype)
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
 
 
 def split_metric_key(key: str, split: str) -> str:
@@ -59,16 +57,19 @@ def evaluate_splits(
     tracker: Tracker,
     trainer_fields: list[str],
     output_dir: Path,
+    initial: bool = False,
 ) -> dict[str, float]:
     """Trainer evaluation (loss, token accuracy) and scored generation on each held-out split.
 
-    The generated samples are logged as a W&B table and kept in `samples/<split>.jsonl` of the stage.
+    The generated samples are logged as a W&B table and kept in `samples/<split>.jsonl` of the stage;
+    `initial` names them `<split>_initial` (the model before training).
     """
     metrics: dict[str, float] = {}
-    for name in (EVAL, EVAL_HELD_OUT):
-        split = data.splits.get(name)
+    for split_name in (EVAL, EVAL_HELD_OUT):
+        split = data.splits.get(split_name)
         if split is None:
             continue
+        name = f"{split_name}_initial" if initial else split_name
         evaluated = trainer.evaluate(eval_dataset=trainer_columns(split, trainer_fields), metric_key_prefix=name)
         metrics |= {split_metric_key(key, name): value for key, value in evaluated.items() if key != "epoch"}
         if generation.num_prompts > 0:

@@ -26,8 +26,8 @@ from trl import DPOConfig, DPOTrainer
 from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, StageData, build_stage_data
 from alignment.evaluation.generation import SAMPLE_COLUMNS, evaluate_generation
 from alignment.io import write_json, write_jsonl
-from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer, torch_dtype
-from alignment.recipes.schema import GenerationEvalConfig, ModelConfig, Recipe, StageSpec
+from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer
+from alignment.recipes.schema import GenerationEvalConfig, Recipe, StageSpec
 from alignment.stages.base import Stage, StageInputError, register
 from alignment.stages.common import last_checkpoint, split_metric_key, trainer_columns
 from alignment.tracking import Tracker
@@ -64,21 +64,18 @@ def check_reference(model: PeftModel) -> None:
         raise RuntimeError(f"the reference adapter '{REFERENCE}' has trainable weights; it must stay frozen")
 
 
-def start_policy_at_reference(model: PeftModel, config: ModelConfig) -> None:
-    """Puts the policy's weights back to the reference's exact values in the recipe's compute dtype.
+def start_policy_at_reference(model: PeftModel) -> None:
+    """Puts the policy's weights back to the reference's exact values, in float32.
 
     On a quantized base TRL casts the trainable adapter to bfloat16 (QLoRA's choice on GPUs) after
-    copying it to the reference, so the policy would start a rounding away from the reference. With a
-    bfloat16 compute dtype that is intended and left alone; otherwise the policy starts exactly there.
+    copying it to the reference, so the policy would start a rounding away from the reference, and
+    DPO's small steps would be lost in bfloat16's rounding (see `keep_float32_master_weights`).
     """
-    dtype = torch_dtype(config.quantization.compute_dtype)
-    if config.quantization.mode == "none" or dtype == torch.bfloat16:
-        return
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, parameter in parameters.items():
             if parameter.requires_grad and f".{POLICY}." in name:
-                parameter.data = parameters[name.replace(f".{POLICY}.", f".{REFERENCE}.")].data.to(dtype).clone()
+                parameter.data = parameters[name.replace(f".{POLICY}.", f".{REFERENCE}.")].data.float().clone()
 
 
 def require_policy_adapter(stage_dir: Path) -> None:
@@ -113,7 +110,7 @@ def dpo_trainer(
         processing_class=tokenizer,
     )
     check_reference(trainer.model)
-    start_policy_at_reference(trainer.model, recipe.model)
+    start_policy_at_reference(trainer.model)
     return trainer
 
 

@@ -9,6 +9,7 @@ the reward model (InstructGPT) or from the policy. A Python function may replace
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,9 +19,15 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from alignment.data.build import EVAL, TRAIN, build_stage_data
-from alignment.evaluation.generation import SAMPLE_COLUMNS, evaluate_generation
-from alignment.io import write_json, write_jsonl
-from alignment.models.heads import ScalarHead, load_reward_role, load_scalar_head, read_reward_stats
+from alignment.evaluation.generation import SAMPLE_COLUMNS, generate_responses, score_answers
+from alignment.io import read_json, write_json, write_jsonl
+from alignment.models.heads import (
+    ScalarHead,
+    affine_head,
+    load_reward_role,
+    load_scalar_head,
+    read_reward_stats,
+)
 from alignment.models.loading import (
     attach_adapter,
     load_base_model,
@@ -42,6 +49,10 @@ from alignment.recipes.schema import DataSpec, GenerationEvalConfig, ModelConfig
 from alignment.recipes.validate import RecipeError, build, check_args
 from alignment.stages.base import Stage, register
 from alignment.tracking import Tracker
+
+EVAL_INITIAL = "eval_initial"
+INITIAL_EVAL_FILE = "eval_initial.json"  # in the work folder: the initial evaluation, reused on resume
+EVAL_COLUMNS = [*SAMPLE_COLUMNS, "reward", "ended", "length"]
 
 
 @dataclass
@@ -93,8 +104,44 @@ def load_reward_model(config: RewardModelConfig) -> tuple[Any, Any]:
     except ValueError as error:
         raise RecipeError("reward_model.chat_template", str(error)) from None
     model = load_base_model(config, auto_class=AutoModelForSequenceClassification, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools at the last non-pad token
+    if not isinstance(getattr(model, "score", None), nn.Linear):
+        raise RecipeError(
+            "reward_model.name_or_path",
+            f"{type(model).__name__} has no `score` layer to read the reward from; use a Llama-, Qwen-, Mistral- "
+            "or Gemma-style sequence-classification reward model",
+        )
     return model.eval().requires_grad_(False), tokenizer
+
+
+class PtxSampler:
+    """PPO-ptx batches of the SFT loss (prompt masked) drawn from `ptx_data`, with a state a checkpoint keeps."""
+
+    def __init__(self, examples: Any, tokenizer: Any, seed: int):
+        self.examples, self.tokenizer = examples, tokenizer
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, size: int) -> dict[str, torch.Tensor]:
+        rows = [self.examples[int(i)] for i in torch.randint(len(self.examples), (size,), generator=self.generator)]
+        sequences, labels = [], []
+        for row in rows:
+            prompt = self.tokenizer.apply_chat_template(
+                row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+            full = self.tokenizer.apply_chat_template(
+                row["prompt"] + row["completion"], tokenize=True, return_dict=True
+            )["input_ids"]
+            sequences.append(full)
+            labels.append([-100] * len(prompt) + full[len(prompt) :])
+        batch = self.tokenizer.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
+        width = batch["input_ids"].shape[1]
+        batch["labels"] = torch.tensor([target + [-100] * (width - len(target)) for target in labels])
+        return dict(batch)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
 
 
 @register
@@ -118,12 +165,13 @@ class PPOStage(Stage):
         model, value_head, reward, reward_stats = self.build_roles(tokenizer, data)
         trainer = PPOTrainer(
             config, model, value_head, reward, tokenizer, data.splits[TRAIN], self.work_dir, tracker,
-            reward_stats=reward_stats, ptx_batches=self.ptx_batches(tokenizer, seed), seed=seed,
+            reward_stats=reward_stats, ptx_batches=self.ptx_sampler(tokenizer, seed), seed=seed,
+            compute_dtype=self.compute_dtype(),
         )  # fmt: skip
         metrics: dict[str, Any] = {}
-        eval_split = data.splits.get(EVAL)
-        if eval_split is not None and spec.evaluation.num_prompts > 0:
-            metrics |= self.evaluate(trainer, eval_split, "eval_initial", output_dir, tracker)
+        eval_split = data.splits.get(EVAL) if spec.evaluation.num_prompts > 0 else None
+        if eval_split is not None:
+            metrics |= self.initial_evaluation(trainer, eval_split, tracker)
         history = trainer.train()
         metrics |= {f"train/{key}": value for key, value in history[-1].items()} if history else {}
         metrics |= data.metrics()
@@ -137,9 +185,16 @@ class PPOStage(Stage):
         tokenizer.save_pretrained(str(output_dir))
         write_json(output_dir / "log_history.json", history)
 
-        if eval_split is not None and spec.evaluation.num_prompts > 0:
-            metrics |= self.evaluate(trainer, eval_split, EVAL, output_dir, tracker)
+        if eval_split is not None:
+            final, rows = self.evaluate(trainer, eval_split, EVAL)
+            self.write_samples(EVAL, rows, output_dir, tracker)
+            self.write_samples(EVAL_INITIAL, read_json(self.work_dir / INITIAL_EVAL_FILE)["rows"], output_dir, None)
+            metrics |= final | reward_gain(read_json(self.work_dir / INITIAL_EVAL_FILE)["rows"], rows)
         return metrics
+
+    def compute_dtype(self) -> torch.dtype:
+        model = self.recipe.model
+        return torch_dtype(model.quantization.compute_dtype if model.quantization.mode != "none" else model.dtype)
 
     def build_roles(self, tokenizer: Any, data: Any) -> tuple[Any, nn.Module, Any, dict | None]:
         """Loads the base once and puts the four roles on it; returns (model, value head, reward, stats)."""
@@ -155,7 +210,7 @@ class PPOStage(Stage):
             reward = adapter_reward(model, reward_head, tokenizer)
             reward_stats = read_reward_stats(reward_dir)
         elif spec.reward_model:
-            reward = separate_model_reward(*load_reward_model(spec.reward_model))
+            reward = separate_model_reward(*load_reward_model(spec.reward_model), policy_tokenizer=tokenizer)
         else:
             references = {
                 row["prompt"][-1]["content"]: row["reference"] for split in data.splits.values() for row in split
@@ -163,59 +218,87 @@ class PPOStage(Stage):
             reward = function_reward(import_function(spec.reward_function), references)
         if spec.value_from == "reward":
             model = attach_adapter(model, VALUE, from_path=reward_dir, trainable=True)
-            value_head = load_scalar_head(reward_dir).requires_grad_(True)
+            value_head = load_scalar_head(reward_dir)
+            if PPOConfig(**spec.args).normalize_reward:  # V predicts returns in the normalised rewards' units
+                value_head = affine_head(
+                    value_head, 1 / reward_stats["std"], -reward_stats["mean"] / reward_stats["std"]
+                )
         else:
             model = attach_adapter(model, VALUE, from_path=sft_dir, trainable=True)
             value_head = ScalarHead(model.config.get_text_config().hidden_size)
             torch.nn.init.zeros_(value_head.weight)
         use_adapter(model, POLICY)
-        compute_dtype = torch_dtype(recipe.model.quantization.compute_dtype)
-        for parameter in [*model.parameters(), *value_head.parameters()]:
-            if parameter.requires_grad:  # trainable adapters and head in the compute dtype
-                parameter.data = parameter.data.to(compute_dtype)
-        return model, value_head.to(compute_dtype), reward, reward_stats
+        for parameter in model.parameters():
+            if parameter.requires_grad:  # float32 master weights; the forward passes run under autocast
+                parameter.data = parameter.data.float()
+        return model, value_head.float().requires_grad_(True), reward, reward_stats
 
-    def evaluate(self, trainer: PPOTrainer, split: Any, name: str, output_dir: Path, tracker: Tracker) -> dict:
-        """Greedy answers of the policy on held-out prompts: gold accuracy and the mean reward score."""
-        model = trainer.accelerator.unwrap_model(trainer.model)
+    def initial_evaluation(self, trainer: PPOTrainer, split: Any, tracker: Tracker) -> dict[str, float]:
+        """The SFT policy's answers before any update, kept in the work folder so a resumed run reuses them."""
+        path = self.work_dir / INITIAL_EVAL_FILE
+        if path.exists():
+            print(f"ppo: initial evaluation reused from {path}")
+            return read_json(path)["metrics"]
+        metrics, rows = self.evaluate(trainer, split, EVAL_INITIAL)
+        write_json(path, {"metrics": metrics, "rows": rows})
+        tracker.table(f"{EVAL_INITIAL}/samples", EVAL_COLUMNS, rows)
+        return metrics
+
+    def evaluate(self, trainer: PPOTrainer, split: Any, name: str) -> tuple[dict[str, float], list[list]]:
+        """The policy's answers to held-out prompts, sampled as `evaluation` says (greedy by default): gold
+        accuracy where there is a checker, the reward source's score of exactly what was generated, the
+        response length and the share that ended with a stop token, and (when sampled) the KL to the SFT policy."""
+        config = self.spec.evaluation
+        model = trainer.unwrapped
         use_adapter(model, POLICY)
-        scores, rows = evaluate_generation(model, trainer.tokenizer, split, name, self.spec.evaluation)
-        examples = split.select(range(len(rows))).to_list()
-        rewards = trainer.reward([row["prompt"] for row in examples], [row[1] for row in rows])
-        scores[f"{name}/reward_score"] = rewards.float().mean().item()
-        tracker.table(f"{name}/samples", SAMPLE_COLUMNS, rows)
-        write_jsonl(
-            output_dir / "samples" / f"{name}.jsonl", [dict(zip(SAMPLE_COLUMNS, row, strict=True)) for row in rows]
-        )
-        return scores
+        examples = split.select(range(min(config.num_prompts, len(split)))).to_list()
+        with trainer.autocast():
+            batches = generate_responses(model, trainer.tokenizer, [row["prompt"] for row in examples], config, name)
+        texts = [text for batch in batches for text in batch.texts]
+        metrics, rows = score_answers(examples, texts, name)
+        rewards, lengths, ended, kls = [], [], [], []
+        for batch in batches:
+            with torch.no_grad(), trainer.autocast():
+                rewards += trainer.reward(batch).float().tolist()
+            lengths += batch.response_mask.sum(1).tolist()
+            ended += batch.ended.tolist()
+            if config.temperature > 0:
+                kls += trainer.sequence_kl(batch, config.temperature).tolist()
+        metrics |= {
+            f"{name}/reward_score": sum(rewards) / len(rewards),
+            f"{name}/response_length": sum(lengths) / len(lengths),
+            f"{name}/ended_share": sum(ended) / len(ended),
+        }
+        if kls:
+            metrics[f"{name}/kl"] = sum(kls) / len(kls)
+        rows = [
+            row + [reward, done, length]
+            for row, reward, done, length in zip(rows, rewards, ended, lengths, strict=True)
+        ]
+        return metrics, rows
 
-    def ptx_batches(self, tokenizer: Any, seed: int):
-        """PPO-ptx: batches of the SFT loss (prompt masked) drawn from `ptx_data`, or None."""
+    def write_samples(self, name: str, rows: list[list], output_dir: Path, tracker: Tracker | None) -> None:
+        if tracker is not None:
+            tracker.table(f"{name}/samples", EVAL_COLUMNS, rows)
+        write_jsonl(
+            output_dir / "samples" / f"{name}.jsonl", [dict(zip(EVAL_COLUMNS, row, strict=True)) for row in rows]
+        )
+
+    def ptx_sampler(self, tokenizer: Any, seed: int) -> PtxSampler | None:
+        """PPO-ptx: batches of the SFT loss drawn from `ptx_data`, or None."""
         if self.spec.ptx_data is None:
             return None
-        examples = build_stage_data(self.spec.ptx_data, "sft", seed, tokenizer).splits[TRAIN]
-        generator = torch.Generator().manual_seed(seed)
+        return PtxSampler(build_stage_data(self.spec.ptx_data, "sft", seed, tokenizer).splits[TRAIN], tokenizer, seed)
 
-        def batch(size: int) -> dict[str, torch.Tensor]:
-            rows = [examples[int(i)] for i in torch.randint(len(examples), (size,), generator=generator)]
-            sequences, labels = [], []
-            for row in rows:
-                prompt = tokenizer.apply_chat_template(
-                    row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True
-                )["input_ids"]
-                full = tokenizer.apply_chat_template(
-                    row["prompt"] + row["completion"], tokenize=True, return_dict=True
-                )["input_ids"]
-                sequences.append(full)
-                labels.append([-100] * len(prompt) + full[len(prompt) :])
-            width = max(len(ids) for ids in sequences)
-            input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-            label_ids = torch.full((len(rows), width), -100)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, (ids, target) in enumerate(zip(sequences, labels, strict=True)):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                label_ids[row, : len(target)] = torch.tensor(target)
-                attention_mask[row, : len(ids)] = 1
-            return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
-        return batch
+def reward_gain(before: list[list], after: list[list]) -> dict[str, float]:
+    """Mean change of the reward score over the same held-out prompts, with the 95% interval of that mean
+    (normal approximation on the per-prompt differences)."""
+    reward = EVAL_COLUMNS.index("reward")
+    differences = [new[reward] - old[reward] for old, new in zip(before, after, strict=True)]
+    mean = sum(differences) / len(differences)
+    variance = sum((d - mean) ** 2 for d in differences) / max(len(differences) - 1, 1)
+    return {
+        f"{EVAL}/reward_score_gain": mean,
+        f"{EVAL}/reward_score_gain_ci95": 1.96 * math.sqrt(variance / len(differences)),
+    }

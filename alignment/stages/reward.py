@@ -62,7 +62,7 @@ from alignment.models.loading import (
 )
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.stages.base import Stage, register
-from alignment.stages.common import last_checkpoint, match_adapter_dtype, trainer_columns
+from alignment.stages.common import keep_float32_master_weights, last_checkpoint, trainer_columns
 from alignment.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -251,10 +251,13 @@ def score_pairs(
 
 
 def pair_metrics(chosen: list[float], rejected: list[float], groups: list[str], prefix: str) -> dict[str, float]:
-    """Pairwise accuracy, margin, loss and mean rewards; accuracy also per group (toy task family)."""
+    """Pairwise accuracy with its 95% interval, margin, loss and mean rewards; accuracy also per group (toy task family)."""
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    accuracy = sum(margin > 0 for margin in margins) / len(margins)
     metrics = {
-        f"{prefix}/pairwise_accuracy": sum(margin > 0 for margin in margins) / len(margins),
+        f"{prefix}/pairwise_accuracy": accuracy,
+        # half-width of the 95% interval (normal approximation): above chance when accuracy - 0.5 exceeds it
+        f"{prefix}/pairwise_accuracy_ci95": 1.96 * math.sqrt(accuracy * (1 - accuracy) / len(margins)),
         f"{prefix}/mean_margin": sum(margins) / len(margins),
         f"{prefix}/loss": -torch.nn.functional.logsigmoid(torch.tensor(margins, dtype=torch.float64)).mean().item(),
         f"{prefix}/reward_chosen_mean": sum(chosen) / len(chosen),
@@ -325,7 +328,7 @@ class RewardStage(Stage):
             eval_dataset=trainer_columns(splits.get(EVAL), PAIR_FIELDS),
             processing_class=tokenizer,
         )
-        match_adapter_dtype(trainer.model, recipe.model)
+        keep_float32_master_weights(trainer.model)
         if init is not None:  # loaded after TRL's bfloat16 cast, so a float32 recipe starts exactly at the SFT adapter
             load_init_weights(trainer.model, init)
         check_last_tokens(trainer.train_dataset, tokenizer.pad_token_id, "training pairs")

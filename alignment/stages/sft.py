@@ -18,8 +18,10 @@ from alignment.io import write_json
 from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer
 from alignment.recipes.schema import GenerationEvalConfig, StageSpec
 from alignment.stages.base import Stage, register
-from alignment.stages.common import evaluate_splits, last_checkpoint, match_adapter_dtype, trainer_columns
+from alignment.stages.common import evaluate_splits, keep_float32_master_weights, last_checkpoint, trainer_columns
 from alignment.tracking import Tracker
+
+SFT_FIELDS = ["prompt", "completion"]
 
 
 @dataclass
@@ -50,20 +52,21 @@ class SFTStage(Stage):
         trainer = SFTTrainer(
             model=model,
             args=args,
-            train_dataset=trainer_columns(data.splits[TRAIN], ["prompt", "completion"]),
-            eval_dataset=trainer_columns(data.splits.get(EVAL), ["prompt", "completion"]),
+            train_dataset=trainer_columns(data.splits[TRAIN], SFT_FIELDS),
+            eval_dataset=trainer_columns(data.splits.get(EVAL), SFT_FIELDS),
             processing_class=tokenizer,
         )
-        match_adapter_dtype(trainer.model, recipe.model)
+        keep_float32_master_weights(trainer.model)
+        metrics: dict[str, Any] = {}
+        if spec.evaluation.before_training:
+            metrics |= evaluate_splits(trainer, data, tokenizer, spec.evaluation, tracker, SFT_FIELDS, output_dir, True)
         result = trainer.train(resume_from_checkpoint=last_checkpoint(self.work_dir))
-        metrics = {"train/loss": result.training_loss, "train/runtime_s": result.metrics["train_runtime"]}
+        metrics |= {"train/loss": result.training_loss, "train/runtime_s": result.metrics["train_runtime"]}
         metrics |= data.metrics()
 
         trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
         write_json(output_dir / "log_history.json", trainer.state.log_history)
 
-        metrics |= evaluate_splits(
-            trainer, data, tokenizer, spec.evaluation, tracker, ["prompt", "completion"], output_dir
-        )
+        metrics |= evaluate_splits(trainer, data, tokenizer, spec.evaluation, tracker, SFT_FIELDS, output_dir)
         return metrics

@@ -1,0 +1,228 @@
+"""The pipeline's RL path on a real pre-trained chat model: SmolLM2-135M-Instruct in 4-bit NF4.
+
+Its pad token is its end-of-turn token (`<|im_end|>`, id 2), its chat template adds a system prompt
+and closes a turn with a newline after `<|im_end|>`, and its vocabulary has 49,152 tokens: what a real
+chat model brings and the toy does not. SFT, the reward stage and PPO each run a few steps on HH-RLHF;
+the tests then check the rollouts, the step-0 sanity, what the reward model reads and how sampling is
+set up. Made offline by `../shared/models/smollm2-135m.sh`; skipped with the reason when it cannot be.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignment.data.build import TRAIN, build_stage_data
+from alignment.models.heads import active_adapter, load_scalar_head, score_conversations, sequence_scores
+from alignment.models.loading import load_tokenizer
+from alignment.models.sampling import sample, stop_token_ids, turn_suffix_ids
+from alignment.ppo import core
+from alignment.ppo.trainer import POLICY, REWARD, PPOTrainer
+from alignment.recipes.load import validate_recipe
+from alignment.runner import make_stage, run_recipe
+from alignment.tracking import Tracker
+
+from conftest import SHARED, need_shared
+
+HH = SHARED / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
+END_OF_TURN = 2  # <|im_end|>: SmolLM2's EOS and pad token
+
+
+def smollm2_recipe(model_dir: Path, output_dir: Path) -> dict:
+    hh = {"datasets": [{"path": str(HH), "format": "implicit_preference", "max_rows": 48}], "eval_split": 8}
+    hh |= {"on_bad_rows": "drop", "max_length": 192}
+    train_args = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-4,
+        "activation_checkpointing": False,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "max_length": 192,
+    }
+    return {
+        "name": "smollm2-test",
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {
+            "name_or_path": str(model_dir),
+            "dtype": "float32",
+            "quantization": {"mode": "4bit", "compute_dtype": "float32"},
+        },
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "chat_template": "tokenizer",
+        "tracking": {"mode": "disabled"},
+        "stages": [
+            {"name": "sft", "type": "sft", "data": hh, "evaluation": {"num_prompts": 0}, "args": train_args},
+            {
+                "name": "reward",
+                "type": "reward",
+                "init_from": "sft",
+                "data": hh,
+                "evaluation": {"batch_size": 8, "stats_pairs": 16},
+                "args": train_args,
+            },
+            {
+                "name": "ppo",
+                "type": "ppo",
+                "policy_from": "sft",
+                "reward_from": "reward",
+                "data": hh,
+                "evaluation": {"num_prompts": 4, "max_new_tokens": 8, "batch_size": 4, "temperature": 1.0},
+                "args": {
+                    "num_iterations": 1,
+                    "rollout_batch_size": 4,
+                    "num_mini_batches": 2,
+                    "num_ppo_epochs": 1,
+                    "learning_rate": 1e-4,
+                    "temperature": 1.0,
+                    "max_new_tokens": 8,
+                    "save_steps": None,
+                },
+            },
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline(smollm2, tmp_path_factory):
+    """SFT → reward → PPO on SmolLM2, a few steps each; returns the recipe and the run folder."""
+    need_shared(HH)
+    output_dir = tmp_path_factory.mktemp("smollm2") / "run"
+    recipe = validate_recipe(smollm2_recipe(smollm2, output_dir))
+    run_recipe(recipe)
+    return recipe, output_dir
+
+
+@pytest.fixture(scope="module")
+def trainer(pipeline):
+    """A PPO trainer holding the four roles on one 4-bit SmolLM2 base, as the stage builds them."""
+    recipe, output_dir = pipeline
+    stage = make_stage(recipe, recipe.stage("ppo"))
+    tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
+    data = build_stage_data(recipe.stage("ppo").data, "prompt", 0, tokenizer)
+    model, value_head, reward, stats = stage.build_roles(tokenizer, data)
+    config = stage.args_class(**{**recipe.stage("ppo").args, "max_new_tokens": 24})
+    return PPOTrainer(
+        config, model, value_head, reward, tokenizer, data.splits[TRAIN], output_dir / "work", Tracker.disabled(),
+        reward_stats=stats, seed=0,
+    )  # fmt: skip
+
+
+def test_the_pipeline_runs_on_a_chat_model_whose_pad_token_ends_its_turns(pipeline):
+    recipe, output_dir = pipeline
+    tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == END_OF_TURN
+    assert stop_token_ids(tokenizer) == [END_OF_TURN] and tokenizer.decode(turn_suffix_ids(tokenizer)) == "\n"
+    metrics = json.loads((output_dir / "ppo" / "metrics.json").read_text())
+    for name in ("eval_initial", "eval"):
+        assert 0 <= metrics[f"{name}/ended_share"] <= 1 and 1 <= metrics[f"{name}/response_length"] <= 8
+        assert f"{name}/kl" in metrics and f"{name}/reward_score" in metrics
+    assert metrics["eval_initial/kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the SFT policy
+    assert "eval/reward_score_gain" in metrics and metrics["eval/reward_score_gain_ci95"] >= 0
+    samples = [json.loads(line) for line in (output_dir / "ppo" / "samples" / "eval.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"reward", "ended", "length"} <= set(samples[0])
+
+
+def test_rollouts_stop_at_every_end_of_turn_id_and_keep_the_stop_token_in_the_mask(trainer):
+    """The model's generation config lists a second stop token (the period, as a stand-in for Llama 3's
+    `<|eot_id|>` beside `<|end_of_text|>`): responses stop at either; the stop token is the last real
+    token, and the padding after it, though it is the end-of-turn id itself, is masked by position."""
+    tokenizer, model = trainer.tokenizer, trainer.unwrapped
+    period = tokenizer.convert_tokens_to_ids(".")
+    model.get_base_model().generation_config.eos_token_id = [END_OF_TURN, period]
+    try:
+        torch.manual_seed(0)
+        rollout = trainer.rollout(trainer._prompt_batch(0))
+    finally:
+        model.get_base_model().generation_config.eos_token_id = END_OF_TURN
+    stops = {END_OF_TURN, period}
+    for ids, mask, ended in zip(rollout.response_ids, rollout.response_mask, rollout.contains_eos, strict=True):
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()  # one run of real tokens from the start
+        real = ids[:length].tolist()
+        assert not stops & set(real[:-1])  # nothing ran past a stop token
+        assert bool(ended) == (real[-1] in stops)
+        if ended:
+            assert (ids[length:] == tokenizer.pad_token_id).all()
+    assert rollout.contains_eos.any(), "no response stopped within 24 tokens"
+
+
+def test_step_zero_ratio_is_one_and_kl_is_zero_with_the_models_own_template(trainer):
+    torch.manual_seed(1)
+    rollout = trainer.rollout(trainer._prompt_batch(1))
+    assert "You are a helpful AI assistant named SmolLM" in trainer.tokenizer.decode(rollout.query_ids[0])
+    mask = rollout.response_mask
+    kl = core.kl_penalty(rollout.logprobs, rollout.reference_logprobs, "k1")
+    assert torch.equal(kl * mask, torch.zeros_like(kl))
+    start = rollout.query_ids.shape[1]
+    new_logprobs = trainer._logprobs(POLICY, rollout.input_ids, rollout.attention_mask, start, 1.0)
+    ratio = torch.exp(new_logprobs - rollout.logprobs)[mask.bool()]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+def test_the_reward_model_reads_the_sampled_ids_at_the_last_token(trainer, pipeline):
+    """A finished response is scored as the reward stage trained: the template's closing newline after
+    `<|im_end|>` is the last token. A response cut at the length limit is scored as sampled, without
+    a closing it never wrote, so it scores differently from the same text rendered as a finished turn."""
+    _, output_dir = pipeline
+    tokenizer, model = trainer.tokenizer, trainer.unwrapped
+    head = load_scalar_head(output_dir / "reward")
+    prompts = [[{"role": "user", "content": "What is 2+2? Answer with a number."}]]
+    with active_adapter(model, POLICY):
+        full = sample(model, tokenizer, prompts, max_new_tokens=40)
+        cut = sample(model, tokenizer, prompts, max_new_tokens=3)
+    assert bool(full.ended[0]) and not bool(cut.ended[0])
+    rewards = [trainer.reward(full).item(), trainer.reward(cut).item()]
+
+    for responses, reward in zip((full, cut), rewards, strict=True):
+        ids = responses.sampled_ids(0, turn_suffix_ids(tokenizer))
+        assert ids[-1] == (198 if bool(responses.ended[0]) else responses.response_ids[0, -1].item())
+        alone = torch.tensor([ids])
+        expected = sequence_scores(model, head, alone, torch.ones_like(alone), adapter=REWARD)
+        assert reward == pytest.approx(expected.item(), abs=1e-4)
+    rendered = score_conversations(
+        model,
+        head,
+        tokenizer,
+        [prompts[0] + [{"role": "assistant", "content": text}] for text in (full.texts[0], cut.texts[0])],
+        adapter=REWARD,
+    )
+    assert rendered[0] == pytest.approx(rewards[0], abs=1e-4)  # the stage's reading of a finished turn
+    assert rendered[1] != pytest.approx(rewards[1], abs=1e-4)  # a cut answer is not a finished turn
+
+
+def test_sampling_ignores_the_models_own_generation_config(smollm2, tmp_path):
+    """A copy of SmolLM2 whose generation_config.json sets a repetition penalty, no repeated bigrams and
+    a suppressed token, as Qwen2.5-Instruct ships a repetition penalty: greedy answers must still be the
+    argmax of plain logits at every step, as the log-probabilities assume."""
+    model_dir = tmp_path / "with-processors"
+    shutil.copytree(smollm2, model_dir)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config |= {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "suppress_tokens": [28], "do_sample": True}
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [[{"role": "user", "content": "Give me a fruit."}], [{"role": "user", "content": "Say hi."}]]
+
+    responses = sample(model, tokenizer, prompts, max_new_tokens=12)
+    ids = torch.cat([responses.query_ids, responses.response_ids], dim=1)
+    mask = torch.cat([responses.query_mask, responses.response_mask], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    start = responses.query_ids.shape[1]
+    greedy = logits[:, start - 1 : -1].argmax(-1)
+    real = responses.response_mask.bool()
+    assert torch.equal(greedy[real], responses.response_ids[real])
+
+    with torch.no_grad():  # the model's own generate applies them (so the test would catch a leak)
+        plain = model.generate(
+            **{"input_ids": responses.query_ids, "attention_mask": responses.query_mask}, do_sample=False,
+            max_new_tokens=12,
+        )  # fmt: skip
+    assert not torch.equal(plain[:, start:][real], responses.response_ids[real])
