@@ -350,15 +350,21 @@ def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(t
     ).eval()
     keep_cpu_4bit_exact(scorer)  # as the stages load 4-bit models on CPU (no bf16 repacking)
     scores = []
-    for sample in samples:
-        conversation = [
-            {"role": "user", "content": sample["prompt"]},
-            {"role": "assistant", "content": sample["response"]},
-        ]
-        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
+    for sample in samples:  # a finished answer as a closed turn; one cut at the length limit left open
+        prompt = [{"role": "user", "content": sample["prompt"]}]
+        if sample["ended"]:
+            text = tokenizer.apply_chat_template(
+                prompt + [{"role": "assistant", "content": sample["response"]}], tokenize=False
+            )
+        else:
+            text = (
+                tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + sample["response"]
+            )
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             scores.append(scorer(**ids).logits[0, 0].item())
     assert len(samples) == 16 and len({round(score, 4) for score in scores}) > 1
+    assert {sample["ended"] for sample in samples} == {True, False}  # both renderings are checked
     assert metrics["eval/reward_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
 
 

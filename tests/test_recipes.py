@@ -174,3 +174,32 @@ def test_cli_validate_prints_resolved_recipe_and_plan(tmp_path):
     result = run_cli("validate", str(write(tmp_path, minimal_recipe())), "--set", "lora.r=4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "r: 4" in result.stdout and "# plan" in result.stdout and "1. sft: sft" in result.stdout
+
+
+def test_layers_to_transform_needs_listed_target_modules(tmp_path):
+    message = error_of(tmp_path, minimal_recipe(lora={"layers_to_transform": [2, 3]}))
+    assert "lora.target_modules" in message and "layers_to_transform" in message and "q_proj" in message
+    listed = minimal_recipe(lora={"layers_to_transform": [2, 3], "target_modules": ["q_proj", "v_proj"]})
+    assert load_recipe(write(tmp_path, listed)).lora.layers_to_transform == [2, 3]
+
+
+def test_the_instructgpt_recipes_run_sft_then_reward_then_ppo_from_base_models(monkeypatch):
+    """The GPU recipes of the whole pipeline start from base models (as InstructGPT does) and chain
+    reward → SFT, PPO → SFT (policy and frozen reference) and the reward model."""
+    monkeypatch.chdir(ROOT)
+    bases = {}
+    for path in sorted((ROOT / "recipes" / "instructgpt").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert [(stage.name, stage.type) for stage in recipe.stages] == [
+            ("sft", "sft"),
+            ("reward", "reward"),
+            ("ppo", "ppo"),
+        ], path
+        reward, ppo = recipe.stage("reward"), recipe.stage("ppo")
+        assert reward.init_from == "sft" and ppo.policy_from == "sft" and ppo.reward_from == "reward"
+        bases[path.name] = recipe.model.name_or_path
+    assert {bases[name] for name in ("qwen2.5-0.5b-hh.yaml", "llama-3.2-1b-hh.yaml", "llama-3.1-8b-hh.yaml")} == {
+        "Qwen/Qwen2.5-0.5B",
+        "meta-llama/Llama-3.2-1B",
+        "meta-llama/Llama-3.1-8B",
+    }

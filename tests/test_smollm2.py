@@ -10,24 +10,22 @@ set up. Made offline by `../shared/models/smollm2-135m.sh`; skipped with the rea
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignment.data.build import TRAIN, build_stage_data
+from alignment.data.build import EVAL, TRAIN, build_stage_data
 from alignment.models.heads import active_adapter, load_scalar_head, score_conversations, sequence_scores
 from alignment.models.loading import load_tokenizer
 from alignment.models.sampling import sample, stop_token_ids, turn_suffix_ids
 from alignment.ppo import core
 from alignment.ppo.trainer import POLICY, REWARD, PPOTrainer
-from alignment.recipes.load import validate_recipe
+from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.runner import make_stage, run_recipe
 from alignment.tracking import Tracker
 
-from conftest import SHARED, need_shared
+from conftest import ROOT, SHARED, need_shared
 
 HH = SHARED / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
 END_OF_TURN = 2  # <|im_end|>: SmolLM2's EOS and pad token
@@ -197,32 +195,19 @@ def test_the_reward_model_reads_the_sampled_ids_at_the_last_token(trainer, pipel
     assert rendered[1] != pytest.approx(rewards[1], abs=1e-4)  # a cut answer is not a finished turn
 
 
-def test_sampling_ignores_the_models_own_generation_config(smollm2, tmp_path):
-    """A copy of SmolLM2 whose generation_config.json sets a repetition penalty, no repeated bigrams and
-    a suppressed token, as Qwen2.5-Instruct ships a repetition penalty: greedy answers must still be the
-    argmax of plain logits at every step, as the log-probabilities assume."""
-    model_dir = tmp_path / "with-processors"
-    shutil.copytree(smollm2, model_dir)
-    config = json.loads((model_dir / "generation_config.json").read_text())
-    config |= {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "suppress_tokens": [28], "do_sample": True}
-    (model_dir / "generation_config.json").write_text(json.dumps(config))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    prompts = [[{"role": "user", "content": "Give me a fruit."}], [{"role": "user", "content": "Say hi."}]]
-
-    responses = sample(model, tokenizer, prompts, max_new_tokens=12)
-    ids = torch.cat([responses.query_ids, responses.response_ids], dim=1)
-    mask = torch.cat([responses.query_mask, responses.response_mask], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    start = responses.query_ids.shape[1]
-    greedy = logits[:, start - 1 : -1].argmax(-1)
-    real = responses.response_mask.bool()
-    assert torch.equal(greedy[real], responses.response_ids[real])
-
-    with torch.no_grad():  # the model's own generate applies them (so the test would catch a leak)
-        plain = model.generate(
-            **{"input_ids": responses.query_ids, "attention_mask": responses.query_mask}, do_sample=False,
-            max_new_tokens=12,
-        )  # fmt: skip
-    assert not torch.equal(plain[:, start:][real], responses.response_ids[real])
+def test_the_cpu_recipe_never_trains_on_its_held_out_rows(smollm2, monkeypatch):
+    """recipes/instructgpt/smollm2-135m-hh.yaml: SFT answers, reward pairs and PPO prompts (each filtered
+    by its own token limit) come from the rows outside the held-out split, which gives the reward
+    model's held-out pairs and PPO's held-out prompts."""
+    need_shared(HH)
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(ROOT / "recipes" / "instructgpt" / "smollm2-135m-hh.yaml", [f"model.name_or_path={smollm2}"])
+    tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
+    prompts = {}
+    for stage, kind in (("sft", "sft"), ("reward", "preference"), ("ppo", "prompt")):
+        splits = build_stage_data(recipe.stage(stage).data, kind, recipe.seed, tokenizer).splits
+        prompts[stage] = {name: {json.dumps(row["prompt"]) for row in split} for name, split in splits.items()}
+    held_out = prompts["reward"][EVAL] | prompts["ppo"][EVAL]
+    assert len(prompts["reward"][EVAL]) >= 100 and len(prompts["ppo"][EVAL]) >= 64
+    for stage in prompts:
+        assert not prompts[stage][TRAIN] & held_out, stage

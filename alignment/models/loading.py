@@ -129,6 +129,7 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
         target_modules=settings.target_modules,
         bias=settings.bias,
         modules_to_save=settings.modules_to_save,
+        layers_to_transform=settings.layers_to_transform,
         task_type="CAUSAL_LM",
     )
 

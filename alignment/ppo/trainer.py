@@ -151,6 +151,25 @@ def function_reward(function: Callable, references: dict[str, str]) -> RewardSou
     return score
 
 
+def trim_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drops the columns that are padding in every row: before the longest prompt of these rows and after
+    their longest response. Positions come from the mask, so no row's numbers change; the passes only
+    get cheaper when a micro-batch's prompts and responses are shorter than the whole rollout's."""
+    real = attention_mask.bool().any(0)
+    first = int(real.int().argmax())
+    last = len(real) - int(real.flip(0).int().argmax())
+    first = min(first, response_start - 1)  # keep the position that predicts the first response token
+    last = max(last, response_start + 1)
+    return input_ids[:, first:last], attention_mask[:, first:last], response_start - first
+
+
+def pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros appended on the right up to `width` columns (the response positions a trimmed pass left out)."""
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]))
+
+
 class PPOTrainer:
     """Runs PPO iterations over a prompt dataset; resumable from its last checkpoint.
 
@@ -241,10 +260,25 @@ class PPOTrainer:
         return logits[:, :-1]
 
     def _logprobs(
-        self, adapter: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, temperature: float
-    ) -> torch.Tensor:
+        self,
+        adapter: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: int,
+        temperature: float,
+        with_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the response tokens under `adapter` (and their entropies), one column per response
+        position; the columns that are padding in every row are not computed (they come back as 0)."""
+        width = input_ids.shape[1] - start
+        input_ids, attention_mask, start = trim_padding(input_ids, attention_mask, start)
         logits = self._response_logits(adapter, input_ids, attention_mask, start)
-        return core.logprobs_from_logits(logits, input_ids[:, start:], temperature)
+        logprobs = pad_columns(core.logprobs_from_logits(logits, input_ids[:, start:], temperature), width)
+        if not with_entropy:
+            return logprobs
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.entropy_coef > 0):
+            entropy = pad_columns(core.entropy_from_logits(logits, temperature), width)
+        return logprobs, entropy
 
     @torch.no_grad()
     def sequence_kl(self, responses: Responses, temperature: float) -> torch.Tensor:
@@ -260,6 +294,8 @@ class PPOTrainer:
 
     def _values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
         """V(s_t) for each response token t: the value head's score at position t − 1 (it reads only up to there)."""
+        width = input_ids.shape[1] - response_start
+        input_ids, attention_mask, response_start = trim_padding(input_ids, attention_mask, response_start)
         with active_adapter(self.unwrapped, VALUE), self.autocast():
             hidden = decoder_stack(self.unwrapped)(
                 input_ids=input_ids,
@@ -267,7 +303,8 @@ class PPOTrainer:
                 position_ids=positions_from_mask(attention_mask),
                 use_cache=False,
             ).last_hidden_state
-            return self.value_head.token_scores(hidden, attention_mask)[:, response_start - 1 : -1].float()
+            values = self.value_head.token_scores(hidden, attention_mask)[:, response_start - 1 : -1].float()
+        return pad_columns(values, width)
 
     def _micro_batches(self, size: int) -> list[slice]:
         micro = max(1, self.config.micro_batch_size)
@@ -349,10 +386,10 @@ class PPOTrainer:
                 for part in self._micro_batches(len(mini_batch)):
                     rows = mini_batch[part]
                     ids, row_mask, response_mask = input_ids[rows], attention_mask[rows], mask[rows]
-                    logits = self._response_logits(POLICY, ids, row_mask, start)
-                    new_logprobs = core.logprobs_from_logits(logits, ids[:, start:], config.temperature)
-                    with torch.set_grad_enabled(config.entropy_coef > 0 and torch.is_grad_enabled()):
-                        entropy = core.masked_sum(core.entropy_from_logits(logits, config.temperature), response_mask)
+                    new_logprobs, entropies = self._logprobs(
+                        POLICY, ids, row_mask, start, config.temperature, with_entropy=True
+                    )
+                    entropy = core.masked_sum(entropies, response_mask)
                     new_values = self._values(ids, row_mask, start)
                     policy_loss, approxkl, clipfrac = core.policy_loss(
                         new_logprobs, rollout.logprobs[rows], advantages[rows], response_mask, config.cliprange,
