@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from alignment.models.loading import load_base_model, load_tokenizer
 from alignment.recipes.schema import ModelConfig, QuantizationConfig
+from alignment.toy.base import bare_form, exact_match_by_family
 from alignment.toy.tasks import FAMILIES, toy_rows
 
 
@@ -27,32 +26,18 @@ def main() -> None:
     mode = "none" if args.float32 else "4bit"
     config = ModelConfig(name_or_path="toy", dtype="float32", quantization=QuantizationConfig(mode=mode))
     tokenizer = load_tokenizer(config, "chatml")
-    tokenizer.padding_side = "left"
     model = load_base_model(config, gradient_checkpointing=False).eval()
     rows = toy_rows(args.rows, seed=12345)
     forms = {
-        "bare": lambda row: f"{row['family']}: {row['input']} = ",
+        "bare": bare_form,
         "phrasing 1": lambda row: FAMILIES[row["family"]].render(row["input"], 0) + "\n",
     }
     print(f"| form | {' | '.join(FAMILIES)} | all |")
     print(f"| --- |{' --- |' * (len(FAMILIES) + 1)}")
     for form, render in forms.items():
-        correct: dict[str, list[bool]] = {name: [] for name in FAMILIES}
-        for start in range(0, len(rows), 70):
-            batch_rows = rows[start : start + 70]
-            batch = tokenizer(
-                [render(row) for row in batch_rows], return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            with torch.no_grad():
-                output = model.generate(
-                    **batch, max_new_tokens=14, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-            answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            for row, answer in zip(batch_rows, answers, strict=True):
-                correct[row["family"]].append(answer.split("\n")[0].strip() == row["answer"])
-        cells = [f"{sum(hits) / len(hits):.2f}" for hits in correct.values()]
-        total = sum(sum(hits) for hits in correct.values()) / len(rows)
-        print(f"| {form} | {' | '.join(cells)} | {total:.3f} |")
+        by_family = exact_match_by_family(model, tokenizer, rows, render)
+        cells = [f"{by_family[name]:.2f}" for name in FAMILIES]
+        print(f"| {form} | {' | '.join(cells)} | {by_family['all']:.3f} |")
 
 
 if __name__ == "__main__":

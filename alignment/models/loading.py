@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from alignment.models.chat_templates import apply_chat_template_choice
+from alignment.models.precision import torch_dtype
 from alignment.recipes.schema import LoraSettings, ModelConfig
 from alignment.toy.base import TOY_MODEL_NAME, ensure_toy_base
 
@@ -32,14 +33,6 @@ def resolve_model_path(config: ModelConfig) -> str:
     if config.name_or_path == TOY_MODEL_NAME:
         return str(ensure_toy_base())
     return str(Path(config.name_or_path).expanduser()) if config.name_or_path.startswith("~") else config.name_or_path
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
 
 
 def load_tokenizer(config: ModelConfig, chat_template: str) -> PreTrainedTokenizerBase:

@@ -22,7 +22,7 @@ class QuantizationConfig:
     mode: Literal["4bit", "8bit", "none"] = "4bit"
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: DType = "auto"  # auto: bfloat16 on a GPU that supports it, else float32
+    compute_dtype: DType = "auto"  # auto: bfloat16 where the GPU or CPU runs it natively, else float32
 
 
 @dataclass

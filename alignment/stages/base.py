@@ -106,20 +106,14 @@ class Stage:
     # ---- shared steps ----------------------------------------------------------------------
     def trl_args(self, tracker: Tracker, **stage_defaults: Any) -> Any:
         """The stage's TRL config: our defaults (folders, seed, tracking, precision), then the recipe's args."""
-        import torch
+        from alignment.models.precision import trainer_precision_args
 
-        from alignment.models.loading import torch_dtype
-
-        model = self.recipe.model
-        compute_dtype = torch_dtype(
-            model.quantization.compute_dtype if model.quantization.mode != "none" else model.dtype
-        )
         defaults = {
             "output_dir": str(self.work_dir),
             "seed": self.seed,
             "run_name": f"{self.recipe.name}/{self.spec.name}",
             "report_to": tracker.report_to,
-            "bf16": compute_dtype == torch.bfloat16,
+            **trainer_precision_args(self.recipe.model),
             "save_total_limit": 1,
             "logging_steps": 10,
             **stage_defaults,

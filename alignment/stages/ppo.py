@@ -32,9 +32,9 @@ from alignment.models.loading import (
     attach_adapter,
     load_base_model,
     load_tokenizer,
-    torch_dtype,
     use_adapter,
 )
+from alignment.models.precision import compute_dtype
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.trainer import (
     POLICY,
@@ -166,7 +166,7 @@ class PPOStage(Stage):
         trainer = PPOTrainer(
             config, model, value_head, reward, tokenizer, data.splits[TRAIN], self.work_dir, tracker,
             reward_stats=reward_stats, ptx_batches=self.ptx_sampler(tokenizer, seed), seed=seed,
-            compute_dtype=self.compute_dtype(),
+            compute_dtype=compute_dtype(self.recipe.model),
         )  # fmt: skip
         metrics: dict[str, Any] = {}
         eval_split = data.splits.get(EVAL) if spec.evaluation.num_prompts > 0 else None
@@ -191,10 +191,6 @@ class PPOStage(Stage):
             self.write_samples(EVAL_INITIAL, read_json(self.work_dir / INITIAL_EVAL_FILE)["rows"], output_dir, None)
             metrics |= final | reward_gain(read_json(self.work_dir / INITIAL_EVAL_FILE)["rows"], rows)
         return metrics
-
-    def compute_dtype(self) -> torch.dtype:
-        model = self.recipe.model
-        return torch_dtype(model.quantization.compute_dtype if model.quantization.mode != "none" else model.dtype)
 
     def build_roles(self, tokenizer: Any, data: Any) -> tuple[Any, nn.Module, Any, dict | None]:
         """Loads the base once and puts the four roles on it; returns (model, value head, reward, stats)."""

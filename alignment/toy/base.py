@@ -9,27 +9,35 @@ loss is noise no model can reduce, and leaving it out learns the skills about th
 Instruction tuning then has to teach the chat format and to answer as the assistant turn, and
 phrasings held out of both stages measure generalisation.
 
-The model is deterministic given its seed and cached on disk, so every stage of a toy run (and every
-process of a multi-process run) loads the same weights through the ordinary `from_pretrained` path.
+Its weights ship with the package (`alignment/toy/weights`, 3.5 MB, their sha256 in the folder's
+`manifest.json`), so `name_or_path: toy` loads at once through the ordinary `from_pretrained` path.
+`python scripts/build_toy_base.py` rebuilds them from this module's recipe and seed (about 7 minutes on
+2 cores); without the shipped folder, the first toy run builds the same into `~/.cache/alignment`.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import random
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from alignment.io import atomic_directory
+from alignment.io import atomic_directory, read_json, write_json
 from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
 from alignment.toy.tasks import FAMILIES
 
 TOY_MODEL_NAME = "toy"
 TOY_VERSION = "v6"
+SHIPPED_DIR = Path(__file__).parent / "weights"
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"  # how the weights were built, and their sha256
 PRETRAIN_STEPS = 3000
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 3e-3
@@ -119,35 +127,90 @@ def pretrain_toy_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
         optimizer, lambda step: min(1.0, (step + 1) / 50) * max(0.05, 1 - step / PRETRAIN_STEPS)
     )
     model.train()
-    started, loss = time.monotonic(), torch.tensor(0.0)
-    for step in range(PRETRAIN_STEPS):
+    loss = torch.tensor(0.0)
+    progress = tqdm(range(PRETRAIN_STEPS), desc="toy base: pre-training", mininterval=2.0)
+    for step in progress:
         loss = model(**pretraining_batch(rng, tokenizer)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        if step % 300 == 0 or step == PRETRAIN_STEPS - 1:
-            print(
-                f"toy base: pre-training step {step + 1}/{PRETRAIN_STEPS}, loss {loss.item():.3f}, "
-                f"{time.monotonic() - started:.0f}s",
-                flush=True,
-            )
+        if step % 50 == 0 or step == PRETRAIN_STEPS - 1:
+            progress.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return loss.item()
 
 
-def ensure_toy_base(path: Path | None = None) -> Path:
-    """Builds the toy base once (atomically) and returns its folder."""
-    path = Path(path) if path else toy_cache_dir()
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path
-    print(f"toy base: building the embedded tiny model once into {path}", flush=True)
+def bare_form(row: dict[str, str]) -> str:
+    """A task instance in the pre-training corpus' plain form, which the base answers before any tuning."""
+    return f"{row['family']}: {row['input']} = "
+
+
+@torch.no_grad()
+def exact_match_by_family(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, rows: list[dict], render: Any = bare_form
+) -> dict[str, float]:
+    """Greedy answers to `render(row)` prompts (no chat template), the first line checked against the answer;
+    exact match per family and over all rows (`all`)."""
+    tokenizer.padding_side = "left"
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(rows), 70):
+        batch_rows = rows[start : start + 70]
+        batch = tokenizer(
+            [render(row) for row in batch_rows], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        output = model.generate(**batch, max_new_tokens=14, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for row, answer in zip(batch_rows, answers, strict=True):
+            hits.setdefault(row["family"], []).append(answer.split("\n")[0].strip() == row["answer"])
+    everything = [hit for values in hits.values() for hit in values]
+    return {family: sum(values) / len(values) for family, values in hits.items()} | {
+        "all": sum(everything) / len(everything)
+    }
+
+
+def weights_sha256(folder: Path) -> str:
+    return hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
+@functools.cache
+def shipped_toy_base() -> Path | None:
+    """The folder of weights shipped with the package, checked against its recorded hash; None if absent."""
+    if not (SHIPPED_DIR / WEIGHTS_FILE).exists():
+        return None
+    recorded = read_json(SHIPPED_DIR / MANIFEST_FILE)["sha256"]
+    if weights_sha256(SHIPPED_DIR) != recorded:
+        raise RuntimeError(
+            f"the toy base shipped in {SHIPPED_DIR} does not match the sha256 in its {MANIFEST_FILE} "
+            "(a git LFS pointer or a partial checkout?); restore it with `git checkout -- alignment/toy/weights` "
+            "or rebuild it with `python scripts/build_toy_base.py`"
+        )
+    return SHIPPED_DIR
+
+
+def build_toy_base(path: Path, seed: int = 0) -> Path:
+    """Builds and pre-trains the toy base into `path` (atomically), with a manifest of how and its hash."""
     tokenizer = build_toy_tokenizer()
-    model = build_toy_model(tokenizer)
-    pretrain_toy_model(model, tokenizer)
+    model = build_toy_model(tokenizer, seed)
+    final_loss = pretrain_toy_model(model, tokenizer, seed)
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
+        manifest = {"version": TOY_VERSION, "seed": seed, "pretrain_steps": PRETRAIN_STEPS}
+        manifest |= {"pretrain_batch": PRETRAIN_BATCH, "pretrain_lr": PRETRAIN_LR, "final_loss": round(final_loss, 4)}
+        manifest |= {"torch": torch.__version__, "sha256": weights_sha256(Path(tmp))}
+        write_json(Path(tmp) / MANIFEST_FILE, manifest)
     return path
+
+
+def ensure_toy_base(path: Path | None = None) -> Path:
+    """The toy base's folder: the shipped weights, or else a copy built once into the cache (or `path`)."""
+    if path is None and (shipped := shipped_toy_base()) is not None:
+        return shipped
+    path = Path(path) if path else toy_cache_dir()
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    print(f"toy base: no shipped weights; building the embedded tiny model once into {path}", flush=True)
+    return build_toy_base(path)
