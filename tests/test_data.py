@@ -185,6 +185,19 @@ def test_mixture_weights_and_held_out_split(tmp_path):
     assert again.splits[TRAIN].to_list() == data.splits[TRAIN].to_list()  # seeded, reproducible
 
 
+def test_a_held_out_prompt_is_never_trained_on_under_another_answer(tmp_path):
+    """HH-RLHF repeats opening questions with other continuations: a training row whose prompt text is held
+    out (here every prompt appears three times with different answers) is dropped, with the reason counted."""
+    rows = [{"instruction": f"task {i % 20}", "output": f"answer {i}"} for i in range(60)]
+    data = build_stage_data(spec(DatasetSpec(path=write_jsonl(tmp_path / "r.jsonl", rows)), eval_split=6), "sft", 0)
+    held_out = {row["prompt"][0]["content"] for row in data.splits[EVAL]}
+    trained = [row["prompt"][0]["content"] for row in data.splits[TRAIN]]
+    assert len(data.splits[EVAL]) == 6 and not held_out & set(trained)
+    assert len(trained) == 60 - 6 - data.report[0]["dropped"]["prompt is held out"]
+    assert data.report[0]["dropped"]["prompt is held out"] == 3 * len(held_out) - 6
+    assert data.report[0][TRAIN] == len(trained) and data.metrics()["data/dropped_rows"] == 3 * len(held_out) - 6
+
+
 def test_split_is_the_same_wherever_the_file_lives(tmp_path):
     """The shuffle is seeded by the file's name, so CI and a laptop hold out the same rows."""
     rows = [{"instruction": f"task {i}", "output": "x"} for i in range(60)]

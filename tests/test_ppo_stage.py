@@ -22,6 +22,7 @@ from alignment.data.build import TRAIN, build_stage_data
 from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
 from alignment.models.heads import load_reward_role, score_conversations
 from alignment.models.loading import attach_adapter, keep_cpu_4bit_exact, load_base_model, load_tokenizer
+from alignment.models.precision import compute_dtype as model_compute_dtype
 from alignment.models.sampling import Responses, turn_suffix_ids
 from alignment.ppo import core
 from alignment.ppo.trainer import POLICY, REFERENCE, PPOTrainer
@@ -477,7 +478,7 @@ def make_trainer(recipe, work_dir: Path, compute_dtype: str = "float32", **args)
     config = stage.args_class(**{**recipe.stage("ppo").args, **args})
     return PPOTrainer(
         config, model, value_head, reward, tokenizer, data.splits[TRAIN], work_dir, Tracker.disabled(),
-        reward_stats=stats, seed=0, compute_dtype=stage.compute_dtype(),
+        reward_stats=stats, seed=0, compute_dtype=model_compute_dtype(recipe.model),
     )  # fmt: skip
 
 

@@ -161,7 +161,10 @@ def test_step_zero_ratio_is_one_and_kl_is_zero_with_the_models_own_template(trai
     start = rollout.query_ids.shape[1]
     new_logprobs = trainer._logprobs(POLICY, rollout.input_ids, rollout.attention_mask, start, 1.0)
     ratio = torch.exp(new_logprobs - rollout.logprobs)[mask.bool()]
-    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    # The rollout scored the rows in micro-batches, this pass scores them all at once: float32 through 30
+    # layers in other matrix shapes differs by about 1e-5 (measured up to 1.3e-5); a template, temperature or
+    # sampling mismatch moves the ratio by orders of magnitude more.
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
 
 
 def test_the_reward_model_reads_the_sampled_ids_at_the_last_token(trainer, pipeline):

@@ -7,6 +7,7 @@ run with the file, row and field, or are dropped and counted when the recipe say
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections import Counter
@@ -23,6 +24,7 @@ from alignment.recipes.schema import DatasetSpec, DataSpec
 logger = logging.getLogger(__name__)
 
 TRAIN, EVAL, EVAL_HELD_OUT = "train", "eval", "eval_heldout_templates"
+HELD_OUT_PROMPT = "prompt is held out"  # the reason a training row is dropped when its prompt is in an eval split
 
 
 @dataclass
@@ -137,6 +139,10 @@ class _Converter:
         return examples
 
 
+def prompt_key(example: dict) -> str:
+    return json.dumps(example["prompt"], sort_keys=True)
+
+
 def build_stage_data(
     data: DataSpec,
     kind: str,
@@ -148,7 +154,7 @@ def build_stage_data(
     seed = data.seed if data.seed is not None else seed
     max_length = data.max_length or max_length
     parts: dict[str, list[dict]] = {TRAIN: [], EVAL: [], EVAL_HELD_OUT: []}
-    report = []
+    report, trained = [], []
     for role, specs in (("train", data.datasets), ("eval", data.eval_datasets)):
         for spec in specs:
             rows, columns = load_raw(spec, seed)
@@ -164,7 +170,7 @@ def build_stage_data(
             else:
                 eval_indices, train_indices = indices[: spec.max_rows], []
             counts = {name: len(parts[name]) for name in parts}
-            parts[TRAIN] += converter.convert(rows, train_indices)
+            train_examples = converter.convert(rows, train_indices)
             parts[EVAL] += converter.convert(rows, eval_indices)
             if spec.held_out_templates:
                 parts[EVAL_HELD_OUT] += converter.convert(rows, eval_indices, held_out_templates=True)
@@ -176,10 +182,20 @@ def build_stage_data(
                 "dropped": dict(converter.dropped),
             }
             report.append(entry)
-            if converter.dropped:
-                logger.warning(
-                    "%s: dropped %d bad rows: %s", spec.label, sum(converter.dropped.values()), entry["dropped"]
-                )
+            trained.append((entry, train_examples))
+    # A held-out prompt stays held out: rows of the same prompt text (HH-RLHF repeats opening questions with
+    # other continuations) are dropped from training, so evaluation never scores a prompt a stage trained on.
+    held_out_prompts = {prompt_key(example) for name in (EVAL, EVAL_HELD_OUT) for example in parts[name]}
+    for entry, train_examples in trained:
+        kept = [example for example in train_examples if prompt_key(example) not in held_out_prompts]
+        if len(kept) < len(train_examples):
+            entry["dropped"][HELD_OUT_PROMPT] = len(train_examples) - len(kept)
+        entry[TRAIN] = len(kept)
+        parts[TRAIN] += kept
+        if entry["dropped"]:
+            logger.warning(
+                "%s: dropped %d bad rows: %s", entry["source"], sum(entry["dropped"].values()), entry["dropped"]
+            )
     if not parts[TRAIN] and data.datasets:
         raise DataError(f"no training examples left from {[spec.label for spec in data.datasets]}")
     splits = {name: Dataset.from_list(examples) for name, examples in parts.items() if examples}
