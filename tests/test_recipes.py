@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from alignment import cli
 from alignment.recipes.load import apply_override, load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
 
@@ -145,7 +146,14 @@ def test_override_of_a_list_by_index():
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m alignment ...` as a user runs it (about 10 s of imports: once per kind of check)."""
     return subprocess.run([sys.executable, "-m", "alignment", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def cli_in_process(capsys, *args: str) -> tuple[int, str]:
+    """The CLI's exit code and stderr without a new interpreter."""
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -157,12 +165,13 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     ],
     ids=["wrong-type", "unknown-key", "missing-dataset-file"],
 )
-def test_cli_exits_non_zero_naming_the_key(tmp_path, mutation, expected):
+def test_cli_exits_non_zero_naming_the_key(tmp_path, monkeypatch, capsys, mutation, expected):
     recipe = minimal_recipe()
     mutation(recipe)
-    result = run_cli("validate", str(write(tmp_path, recipe)), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert expected in result.stderr and "recipe.yaml" in result.stderr
+    monkeypatch.chdir(tmp_path)
+    code, stderr = cli_in_process(capsys, "validate", str(write(tmp_path, recipe)))
+    assert code == 2, stderr
+    assert expected in stderr and "recipe.yaml" in stderr
 
 
 def test_cli_malformed_yaml_exits_non_zero(tmp_path):
