@@ -193,9 +193,7 @@ def build_stage_data(
         entry[TRAIN] = len(kept)
         parts[TRAIN] += kept
         if entry["dropped"]:
-            logger.warning(
-                "%s: dropped %d bad rows: %s", entry["source"], sum(entry["dropped"].values()), entry["dropped"]
-            )
+            logger.warning("%s: dropped %d rows: %s", entry["source"], sum(entry["dropped"].values()), entry["dropped"])
     if not parts[TRAIN] and data.datasets:
         raise DataError(f"no training examples left from {[spec.label for spec in data.datasets]}")
     splits = {name: Dataset.from_list(examples) for name, examples in parts.items() if examples}

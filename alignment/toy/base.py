@@ -97,7 +97,7 @@ def pretraining_text(rng: random.Random) -> tuple[str, str]:
     family = FAMILIES[rng.choice(sorted(FAMILIES))]
     x = family.make_input(rng)
     if rng.random() < 0.6:
-        return f"{family.name}: {x} = ", family.solve(x)
+        return bare_form({"family": family.name, "input": x}), family.solve(x)
     template = rng.randrange(len(family.templates) - 1)
     return f"{family.render(x, template)}\n", family.solve(x)
 
@@ -198,9 +198,16 @@ def build_toy_base(path: Path, seed: int = 0) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        manifest = {"version": TOY_VERSION, "seed": seed, "pretrain_steps": PRETRAIN_STEPS}
-        manifest |= {"pretrain_batch": PRETRAIN_BATCH, "pretrain_lr": PRETRAIN_LR, "final_loss": round(final_loss, 4)}
-        manifest |= {"torch": torch.__version__, "sha256": weights_sha256(Path(tmp))}
+        manifest = {
+            "version": TOY_VERSION,
+            "seed": seed,
+            "pretrain_steps": PRETRAIN_STEPS,
+            "pretrain_batch": PRETRAIN_BATCH,
+            "pretrain_lr": PRETRAIN_LR,
+            "final_loss": round(final_loss, 4),
+            "torch": torch.__version__,
+            "sha256": weights_sha256(Path(tmp)),
+        }
         write_json(Path(tmp) / MANIFEST_FILE, manifest)
     return path
 
