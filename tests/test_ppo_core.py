@@ -472,3 +472,63 @@ def test_config_rejects_impossible_values_naming_the_key(values: dict, key: str,
     assert error.value.path == f"stages[2].args.{key}"
     assert message in error.value.message
     assert isinstance(error.value, ValueError)
+
+
+def test_switching_roles_runs_each_adapter_and_keeps_which_weights_train() -> None:
+    """`use_adapter` (PPO switches roles several times a step) makes the named adapter the one that runs,
+    leaves every weight's requires_grad as it was, and sees an adapter added after it cached the layers."""
+    from alignment.models.loading import attach_adapter, use_adapter
+    from alignment.recipes.schema import LoraSettings
+
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    model = attach_adapter(tiny_llama(seed=3), "policy", settings)
+    model = attach_adapter(model, "reference", settings, trainable=False)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    input_ids = torch.arange(1, 9).unsqueeze(0)
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids).logits
+
+    def flags() -> dict[str, bool]:
+        return {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+
+    before = flags()
+    assert any(before.values())
+    use_adapter(model, "reference")
+    reference = logits()
+    assert model.active_adapter == "reference" and flags() == before
+    use_adapter(model, "policy")
+    policy = logits()
+    assert model.active_adapter == "policy" and flags() == before
+    assert not torch.allclose(policy, reference)
+    with model.disable_adapter():
+        assert not torch.allclose(logits(), policy)
+
+    model = attach_adapter(model, "value", settings)  # a third adapter after the layers were cached
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B.value" in name:
+                parameter.normal_(0, 0.5)
+    before = flags()
+    use_adapter(model, "value")
+    assert model.active_adapter == "value" and flags() == before
+    assert not torch.allclose(logits(), policy) and not torch.allclose(logits(), reference)
+    use_adapter(model, "reference")
+    assert torch.equal(logits(), reference)
+
+
+def test_prompt_indices_follow_one_seeded_permutation_per_pass_over_the_prompts() -> None:
+    """The prompts of an iteration: pass p over the dataset in the order of randperm seeded with seed + p,
+    continuing across the pass boundary (the order a resumed run must see again)."""
+    from alignment.ppo.trainer import prompt_indices
+
+    num_prompts, seed = 10, 7
+    passes = [torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed + p)).tolist() for p in range(3)]
+    stream = [index for order in passes for index in order]
+    assert prompt_indices(0, 4, num_prompts, seed) == stream[0:4]
+    assert prompt_indices(8, 4, num_prompts, seed) == stream[8:12]  # crosses into the second pass
+    assert prompt_indices(20, 10, num_prompts, seed) == passes[2]

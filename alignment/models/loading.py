@@ -159,11 +159,46 @@ def attach_adapter(
 
 
 def use_adapter(model: PeftModel, name: str) -> None:
-    """Makes `name` the active adapter without touching which weights are trainable."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    model.base_model.set_adapter(name)
-    for parameter_name, parameter in model.named_parameters():
-        parameter.requires_grad_(parameter_name in trainable)
+    """Makes `name` the active adapter without touching which weights are trainable.
+
+    PPO switches roles several times per step. PEFT's `set_adapter` walks every module of the model and
+    marks the active adapter trainable; here its adapter layers and their weights are found once (per
+    set of adapters) and only they are visited: the layers' active adapter is set, their weights'
+    requires_grad put back as it was.
+    """
+    layers, parameters = _adapter_layers(model)
+    if layers is None or any(layer.merged for layer in layers):  # PEFT's own walk handles these
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model.set_adapter(name)
+        for parameter_name, parameter in model.named_parameters():
+            parameter.requires_grad_(parameter_name in trainable)
+        return
+    flags = [parameter.requires_grad for parameter in parameters]
+    for layer in layers:
+        layer.set_adapter(name)
+    for parameter, flag in zip(parameters, flags, strict=True):
+        parameter.requires_grad_(flag)
+    model.active_adapter = model.base_model.active_adapter = name  # PeftModel and its LoraModel each keep one
+
+
+def _adapter_layers(model: PeftModel) -> tuple[list | None, list[torch.nn.Parameter]]:
+    """The model's LoRA layers and their weights, cached on the model until an adapter is added or
+    removed; (None, []) when modules_to_save wrappers need PEFT's full `set_adapter`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    key = tuple(sorted(model.peft_config))
+    cached = getattr(model, "_alignment_adapter_layers", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    modules = list(model.modules())
+    layers: list | None = [module for module in modules if isinstance(module, BaseTunerLayer)]
+    if any(isinstance(module, AuxiliaryTrainingWrapper) for module in modules):
+        layers = None
+    parameters = [p for layer in layers or [] for p in layer.parameters() if p is not None]
+    parameters = list({id(p): p for p in parameters}.values())
+    model._alignment_adapter_layers = (key, layers, parameters)
+    return layers, parameters
 
 
 def load_stage_recipe(stage_dir: str | Path):

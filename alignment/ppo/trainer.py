@@ -13,6 +13,7 @@ adapters are switched with `active_adapter`, which leaves requires_grad alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -170,6 +171,21 @@ def pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, width - values.shape[1]))
 
 
+def prompt_indices(first: int, count: int, num_prompts: int, seed: int) -> list[int]:
+    """Dataset rows of episodes first … first + count − 1: pass p over the prompts visits them in the order
+    of randperm(num_prompts) seeded with seed + p, so a resumed run sees the same prompts."""
+    indices = []
+    for position in range(first, first + count):
+        epoch, index = divmod(position, num_prompts)
+        indices.append(int(_prompt_order(num_prompts, seed + epoch)[index]))
+    return indices
+
+
+@functools.lru_cache(maxsize=2)
+def _prompt_order(num_prompts: int, seed: int) -> torch.Tensor:
+    return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed))
+
+
 class PPOTrainer:
     """Runs PPO iterations over a prompt dataset; resumable from its last checkpoint.
 
@@ -210,6 +226,7 @@ class PPOTrainer:
             self.optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
         )
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self._unwrapped = self.accelerator.unwrap_model(self.model)  # unwrapping walks every module: once
         self.kl_controller = core.make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
         self.iteration, self.episode, self.history = 0, 0, []
         self.model.eval()  # dropout off in every pass, including the update
@@ -223,15 +240,11 @@ class PPOTrainer:
         return max(1, math.ceil(episodes / (config.rollout_batch_size * self.accelerator.num_processes)))
 
     def _prompt_batch(self, iteration: int) -> list[dict]:
-        """The prompts of one iteration: a seeded pass-by-pass shuffle, so a resumed run sees the same ones."""
-        size = self.config.rollout_batch_size
-        rows = []
-        start = (iteration * self.accelerator.num_processes + self.accelerator.process_index) * size
-        for position in range(start, start + size):
-            epoch, index = divmod(position, len(self.prompts))
-            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed + epoch))
-            rows.append(self.prompts[int(order[index])])
-        return rows
+        """The prompts of one iteration (see `prompt_indices`), read from the dataset in one go."""
+        size, processes = self.config.rollout_batch_size, self.accelerator.num_processes
+        first = (iteration * processes + self.accelerator.process_index) * size
+        columns = self.prompts[prompt_indices(first, size, len(self.prompts), self.seed)]
+        return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
     # ---- forward passes of each role ----------------------------------------------------------
     def autocast(self) -> torch.autocast:
@@ -242,7 +255,7 @@ class PPOTrainer:
     @property
     def unwrapped(self) -> PeftModel:
         """The PeftModel under accelerate's wrapper: adapters are switched on it, forwards go through the wrapper."""
-        return self.accelerator.unwrap_model(self.model)
+        return self._unwrapped
 
     def _response_logits(
         self, adapter: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
