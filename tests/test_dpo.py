@@ -277,5 +277,4 @@ def test_shipped_toy_dpo_recipe_gains_ten_points_over_early_sft(tmp_path):
     gain = results["dpo"]["eval/exact_match"] - results["sft"]["eval/exact_match"]
     manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
     print(f"toy dpo: exact match gain {gain:.3f}, stage {manifest['duration_s']} s")
-    assert gain >= 0.10
-    assert manifest["duration_s"] < 300
+    assert gain >= 0.10  # the stage's wall time is printed and quoted in docs/benchmarks.md, not asserted
