@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,10 +25,7 @@ SMOLLM2_SCRIPT = SHARED / "models" / "smollm2-135m.sh"
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder, made offline once by the shared script (about a minute)."""
     need_shared(SMOLLM2_SCRIPT)
-    lock_file = Path(tempfile.gettempdir()) / "alignment-smollm2.lock"
-    with open(lock_file, "w") as lock:  # test processes running side by side make it once, one at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        made = subprocess.run(["bash", str(SMOLLM2_SCRIPT)], capture_output=True, text=True, timeout=1200)
+    made = subprocess.run(["bash", str(SMOLLM2_SCRIPT)], capture_output=True, text=True, timeout=1200)
     if made.returncode != 0:
         reason = (made.stderr.strip().splitlines() or ["no output"])[-1]
         pytest.skip(f"SmolLM2-135M-Instruct could not be made by {SMOLLM2_SCRIPT}: {reason}")
