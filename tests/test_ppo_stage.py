@@ -429,14 +429,13 @@ def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_
 
 @pytest.mark.slow
 def test_accelerate_launch_runs_the_pipeline_on_two_processes(tmp_path):
-    """`accelerate launch` on two CPU processes: each rolls out its own prompts, the gradients are
+    """`accelerate launch` with the shipped DDP config on two CPU processes: each rolls out its own prompts, the gradients are
     shared (the trainer fails if the replicas' weights diverge), and only the main process writes."""
     run_dir = tmp_path / "run"
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(pipeline(run_dir)))  # checkpoints after iteration 1
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["-m", "alignment", "run", str(recipe_path)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp.yaml"]
+    command += ["--num_processes", "2", "-m", "alignment", "run", str(recipe_path)]  # the shipped DDP config
     environment = os.environ | {"OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=environment)
     assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]

@@ -15,7 +15,8 @@ from alignment.recipes.validate import RecipeError
 
 from conftest import ROOT, minimal_recipe
 
-SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))  # launch configs, not recipes
+SHIPPED = sorted(path for path in (ROOT / "recipes").rglob("*.yaml") if path not in ACCELERATE_CONFIGS)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
@@ -24,6 +25,24 @@ def test_every_shipped_recipe_validates(path: Path, monkeypatch):
     recipe = load_recipe(path)
     assert recipe.stages, path
     assert all(stage.name and stage.type for stage in recipe.stages)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[path.name for path in ACCELERATE_CONFIGS])
+def test_every_shipped_accelerate_config_reads_as_accelerate_reads_it(path: Path):
+    """Each launch config parses as accelerate's own config file, names its launch command, and sets
+    what its kind needs: FSDP with QLoRA keeps flat parameters and loads on one rank, ZeRO stage 3."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert f"accelerate launch --config_file recipes/accelerate/{path.name}" in path.read_text()
+    assert config.num_machines == 1 and not config.use_cpu
+    kinds = {"ddp.yaml": "MULTI_GPU", "fsdp-qlora.yaml": "FSDP", "deepspeed-zero3.yaml": "DEEPSPEED"}
+    assert str(config.distributed_type).rsplit(".", 1)[-1] == kinds[path.name]
+    if path.name == "fsdp-qlora.yaml":
+        assert config.fsdp_config["fsdp_use_orig_params"] is False
+        assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
+    if path.name == "deepspeed-zero3.yaml":
+        assert config.deepspeed_config["zero_stage"] == 3
 
 
 def test_shipped_recipes_cover_the_issue():
