@@ -65,6 +65,8 @@ def recipe_rows() -> list[tuple[str, str, str, float, str]]:
     rows = []
     for path in sorted((ROOT / "recipes").rglob("*.yaml")):
         recipe = yaml.safe_load(path.read_text())
+        if "stages" not in recipe:  # recipes/accelerate: launch configs, not recipes
+            continue
         model = model_key(recipe["model"]["name_or_path"])
         compute = recipe["model"].get("quantization", {}).get("compute_dtype", "auto")
         for stage in recipe["stages"]:

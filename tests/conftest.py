@@ -13,6 +13,8 @@ SHARED = Path(os.environ.get("ALIGNMENT_SHARED", ROOT.parent / "shared"))
 STORIES = SHARED / "models" / "stories260k"
 ALPACA = SHARED / "data" / "alpaca" / "alpaca_5000.json"
 ALPACA_DEMO = SHARED / "data" / "llamafactory-demo" / "alpaca_en_demo.json"
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))  # launch configs, not recipes
+SHIPPED_RECIPES = sorted(path for path in (ROOT / "recipes").rglob("*.yaml") if path not in ACCELERATE_CONFIGS)
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,7 +17,7 @@ from alignment.models.precision import (
 from alignment.recipes.load import load_recipe
 from alignment.recipes.schema import ModelConfig, QuantizationConfig
 
-from conftest import ROOT
+from conftest import ROOT, SHIPPED_RECIPES
 
 PRECISION_ARGS = {"bf16", "fp16", "use_cpu", "bf16_full_eval", "fp16_full_eval"}
 
@@ -41,7 +41,7 @@ def test_a_named_dtype_is_kept_whatever_the_hardware():
     assert compute_dtype(unquantized) == torch.float32
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_shipped_recipe_hard_codes_mixed_precision_in_a_stages_trainer_args(path):
     """Precision is the model's (compute) dtype, resolved from the hardware when `auto`; a `bf16: true`
     in trainer args made the toy reward recipe emulate bfloat16 for 39+ minutes on AVX2-only CPUs."""

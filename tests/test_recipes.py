@@ -13,10 +13,9 @@ from alignment import cli
 from alignment.recipes.load import apply_override, load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
 
-from conftest import ROOT, minimal_recipe
+from conftest import ACCELERATE_CONFIGS, ROOT, SHIPPED_RECIPES, minimal_recipe
 
-ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))  # launch configs, not recipes
-SHIPPED = sorted(path for path in (ROOT / "recipes").rglob("*.yaml") if path not in ACCELERATE_CONFIGS)
+SHIPPED = SHIPPED_RECIPES
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
