@@ -66,7 +66,7 @@ def recipe(args: argparse.Namespace, work: Path, packing: bool = False):
             "output_dir": str(work / "run"),
             "model": {"name_or_path": args.model, "quantization": {"mode": "4bit", "compute_dtype": "auto"}},
             "lora": {"r": 64, "alpha": 64, "dropout": 0.0, "target_modules": "all-linear"},
-            "chat_template": "chatml",
+            "chat_template": "tokenizer",
             "tracking": {"mode": "disabled"},
             "stages": [
                 {

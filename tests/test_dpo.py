@@ -40,7 +40,7 @@ def toy_recipe(output_dir: Path) -> dict:
         "output_dir": str(output_dir),
         "model": {"name_or_path": "toy", "dtype": "float32", "quantization": FLOAT32_4BIT},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "chat_template": "chatml",
+        "chat_template": "tokenizer",
         "tracking": {"mode": "disabled"},
         "stages": [
             {

@@ -20,6 +20,7 @@ from alignment.data.formats import (
     transcript_messages,
 )
 from alignment.data.loading import DataError
+from alignment.models.chat_templates import apply_chat_template_choice
 from alignment.recipes.schema import DatasetSpec, DataSpec, ToySource
 from alignment.toy.base import build_toy_tokenizer
 from alignment.toy.tasks import FAMILIES, wrong_answer
@@ -88,7 +89,8 @@ def test_hh_pairs_render_with_the_recipes_chat_template():
     need_shared(HH)
     row = hh_rows()[0]
     example = FORMATS["implicit_preference"].convert("preference", row, RowContext())
-    tokenizer = build_toy_tokenizer()  # chatml
+    tokenizer = build_toy_tokenizer()
+    apply_chat_template_choice(tokenizer, "chatml")  # as the Qwen2.5 and SmolLM2 recipes render HH
     text = tokenizer.apply_chat_template(example["prompt"] + example["chosen"], tokenize=False)
     assert "Human:" not in text and "Assistant:" not in text
     assert text.startswith("<|im_start|>user\nwhat are some pranks with a pen i can do?<|im_end|>\n")

@@ -9,6 +9,7 @@ import pytest
 
 from alignment.io import read_json
 from alignment.models.loading import load_base_model, load_tokenizer, resolve_model_path
+from alignment.models.sampling import stop_token_ids, turn_suffix_ids
 from alignment.recipes.schema import ModelConfig
 from alignment.toy import base
 from alignment.toy.tasks import toy_rows
@@ -61,3 +62,27 @@ def test_without_shipped_weights_the_base_is_built_once_into_the_cache_with_its_
     manifest = read_json(tmp_path / "cache" / f"toy-base-{base.TOY_VERSION}" / base.MANIFEST_FILE)
     assert manifest["pretrain_steps"] == 2 and manifest["seed"] == 0
     assert manifest["sha256"] == base.weights_sha256(tmp_path / "cache" / f"toy-base-{base.TOY_VERSION}")
+
+
+def test_the_toy_chat_template_spends_one_token_per_role_and_ends_turns_as_chatml_does():
+    """The toy tokenizer's own template (the toy recipes' `chat_template: tokenizer`): a role token per
+    turn and `<|im_end|>` after it, 4 tokens of scaffolding for a question and its answer where ChatML
+    spells 21 byte by byte. The shipped tokenizer is the one the code builds."""
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="toy"), "tokenizer")
+    assert tokenizer.get_vocab() == base.build_toy_tokenizer().get_vocab()
+    assert tokenizer.chat_template == base.TOY_CHAT_TEMPLATE
+    conversation = [{"role": "user", "content": "Reverse abc."}, {"role": "assistant", "content": "cba"}]
+    rendered = tokenizer.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
+    content = len("Reverse abc.") + len("cba")
+    assert len(rendered["input_ids"]) == content + 4
+    assert tokenizer.decode(rendered["input_ids"]) == "<|user|>Reverse abc.<|im_end|><|assistant|>cba<|im_end|>"
+    assert sum(rendered["assistant_masks"]) == len("cba") + 1  # the answer and its end-of-turn token are trained
+    prompt = tokenizer.apply_chat_template(conversation[:1], add_generation_prompt=True, return_dict=True)
+    assert tokenizer.convert_ids_to_tokens(prompt["input_ids"])[-1] == "<|assistant|>"
+    assert (
+        stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        and turn_suffix_ids(tokenizer) == []
+    )
+    assert max(tokenizer.get_vocab().values()) < read_json(base.SHIPPED_DIR / "config.json")["vocab_size"]
+    chatml = load_tokenizer(ModelConfig(name_or_path="toy"), "chatml")
+    assert len(chatml.apply_chat_template(conversation, return_dict=True)["input_ids"]) == content + 21

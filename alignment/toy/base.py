@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from alignment.io import atomic_directory, read_json, write_json
-from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
 from alignment.toy.tasks import FAMILIES
 
 TOY_MODEL_NAME = "toy"
@@ -42,6 +41,19 @@ PRETRAIN_STEPS = 3000
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 3e-3
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+# The toy's own chat template marks each turn with one role token (ids after the bytes, inside the
+# embedding rows the base was built with), so a conversation costs 4 tokens of scaffolding instead of
+# ChatML's 21 spelled byte by byte: about a third of every toy sequence, and of the toy stages' compute.
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+TOY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 TOY_CONFIG = dict(
     hidden_size=128,
     intermediate_size=384,
@@ -60,14 +72,15 @@ def toy_cache_dir() -> Path:
 
 
 def build_toy_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: one token per byte, so any text is representable and the vocabulary is tiny."""
+    """Byte-level tokenizer: one token per byte, so any text is representable and the vocabulary is tiny,
+    plus the special tokens of the toy's chat template and of ChatML."""
     byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({char: len(SPECIAL_TOKENS) + index for index, char in enumerate(byte_alphabet)})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(SPECIAL_TOKENS)
+    backend.add_special_tokens(SPECIAL_TOKENS + ROLE_TOKENS)  # the role tokens after the bytes
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -75,7 +88,7 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="<|im_end|>",
         model_max_length=TOY_CONFIG["max_position_embeddings"],
     )
-    tokenizer.chat_template = BUILTIN_CHAT_TEMPLATES["chatml"]
+    tokenizer.chat_template = TOY_CHAT_TEMPLATE  # `chat_template: chatml` works too: its tokens are here
     return tokenizer
 
 
