@@ -7,6 +7,9 @@ Llama-shaped model with random weights (134 M parameters by default):
 
 - shared 4-bit: one 4-bit base (loaded as the suite loads it, `load_base_model`) + four adapters
   (`attach_adapter`), roles switched with `use_adapter`;
+- shared 4-bit, upcast: the same with the embeddings and the LM head in float32, as k-bit preparation
+  leaves them (the suite keeps them in a 16-bit compute dtype since issue 16 item 4: run with
+  `--compute-dtype bfloat16` to see the difference; in float32 the two rows are the same);
 - four 4-bit models: the same base loaded four times, one adapter each;
 - four bf16 models: four bf16 copies, one adapter each (quantization off, sharing off);
 - four bf16 models, full fine-tuning: no adapters, policy and value train every weight (the classic
@@ -22,6 +25,7 @@ mmap threshold fixed, so freed buffers go back to the OS and RSS follows the liv
 
     python scripts/bench_ppo_memory.py             # about 2-3 minutes on 2 CPU cores
     python scripts/bench_ppo_memory.py --layers 4  # quicker, smaller model
+    python scripts/bench_ppo_memory.py --compute-dtype bfloat16 --configurations shared-4bit shared-4bit-upcast
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch
 
 CONFIGURATIONS = {
     "shared-4bit": "one 4-bit base + 4 LoRA adapters",
+    "shared-4bit-upcast": "the same, embeddings and LM head in float32 (k-bit preparation alone)",
     "separate-4bit": "four 4-bit models, one LoRA adapter each",
     "separate-bf16": "four bf16 models, one LoRA adapter each",
     "separate-bf16-full": "four bf16 models, full fine-tuning (no LoRA)",
@@ -124,24 +129,28 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     return causal_lm.model
 
 
-def model_config(model_dir: Path, quantized: bool):
+def model_config(model_dir: Path, quantized: bool, compute_dtype: str):
     from alignment.recipes.schema import ModelConfig, QuantizationConfig
 
-    if quantized:  # exactly the suite's defaults: NF4, double quantization, compute dtype auto
-        return ModelConfig(name_or_path=str(model_dir))
+    if quantized:  # the suite's defaults (NF4, double quantization), the checkpoint's bf16 when computing in it
+        dtype = "bfloat16" if compute_dtype == "bfloat16" else "auto"
+        return ModelConfig(str(model_dir), dtype=dtype, quantization=QuantizationConfig(compute_dtype=compute_dtype))
     return ModelConfig(name_or_path=str(model_dir), dtype="bfloat16", quantization=QuantizationConfig(mode="none"))
 
 
-def build_roles(configuration: str, model_dir: Path, lora_rank: int) -> list[Role]:
+def build_roles(configuration: str, model_dir: Path, lora_rank: int, compute_dtype: str) -> list[Role]:
+    from alignment.models import loading
     from alignment.models.loading import attach_adapter, load_base_model
     from alignment.recipes.schema import LoraSettings
 
     lora = LoraSettings(r=lora_rank, alpha=2 * lora_rank, dropout=0.0)
     checkpoint_file = model_dir / "model.safetensors"
-    quantized = configuration.endswith("4bit")
+    quantized = "4bit" in configuration
+    if configuration.endswith("-upcast"):  # as before issue 16 item 4: what k-bit preparation alone leaves
+        loading.keep_frozen_embeddings_in_compute_dtype = lambda model, config: None
 
     def load() -> torch.nn.Module:
-        model = load_base_model(model_config(model_dir, quantized))
+        model = load_base_model(model_config(model_dir, quantized, compute_dtype))
         copy_out_of_checkpoint_mapping(model, checkpoint_file)
         return model
 
@@ -150,7 +159,7 @@ def build_roles(configuration: str, model_dir: Path, lora_rank: int) -> list[Rol
         return head.requires_grad_(trainable)
 
     roles = []
-    if configuration == "shared-4bit":
+    if configuration.startswith("shared-4bit"):
         model = load()
         for name in ROLES:
             model = attach_adapter(model, name, lora, trainable=name in TRAINABLE_ROLES)
@@ -229,23 +238,30 @@ def run_role_pass(role: Role, input_ids: torch.Tensor, response_start: int, temp
         loss.backward()
 
 
-def run_role_passes(roles: list[Role], input_ids: torch.Tensor, response_start: int, temperature: float) -> None:
-    for role in roles:
-        run_role_pass(role, input_ids, response_start, temperature)
+def run_role_passes(
+    roles: list[Role], input_ids: torch.Tensor, response_start: int, temperature: float, dtype: torch.dtype
+) -> None:
+    with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):  # as PPO's passes
+        for role in roles:
+            run_role_pass(role, input_ids, response_start, temperature)
 
 
-def child(configuration: str, model_dir: Path, batch_size: int, sequence_length: int, lora_rank: int) -> dict:
+def child(
+    configuration: str, model_dir: Path, batch_size: int, sequence_length: int, lora_rank: int, compute_dtype: str
+) -> dict:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     import alignment.models.loading  # noqa: F401  (the libraries' own memory is the baseline)
     import alignment.ppo.core  # noqa: F401
+    from alignment.models import precision
 
     cuda = torch.cuda.is_available()
     rss_after_imports = rss_mib()
     started = time.perf_counter()
-    roles = build_roles(configuration, model_dir, lora_rank)
+    roles = build_roles(configuration, model_dir, lora_rank, compute_dtype)
+    dtype = precision.compute_dtype(model_config(model_dir, "4bit" in configuration, compute_dtype))
     load_seconds = time.perf_counter() - started
     parameters, other_weights = held_weights(roles)
     result = {
@@ -269,7 +285,7 @@ def child(configuration: str, model_dir: Path, batch_size: int, sequence_length:
     input_ids = input_ids.to(roles[0].model.device)
     # A first, unmeasured round pays the one-time costs (kernel and allocator initialisation) that every
     # configuration pays alike; the measured round is a steady-state PPO step, gradients freed before it.
-    run_role_passes(roles, input_ids, response_start=sequence_length // 2, temperature=0.7)
+    run_role_passes(roles, input_ids, response_start=sequence_length // 2, temperature=0.7, dtype=dtype)
     for role in roles:
         role.model.zero_grad(set_to_none=True)
         if role.head is not None:
@@ -280,7 +296,7 @@ def child(configuration: str, model_dir: Path, batch_size: int, sequence_length:
         torch.cuda.reset_peak_memory_stats()
     result["peak_reset"] = reset_peak_rss()
     started = time.perf_counter()
-    run_role_passes(roles, input_ids, response_start=sequence_length // 2, temperature=0.7)
+    run_role_passes(roles, input_ids, response_start=sequence_length // 2, temperature=0.7, dtype=dtype)
     result["passes_seconds"] = time.perf_counter() - started
     result["peak_rss_passes_mib"] = status_mib("VmHWM") if result["peak_reset"] else peak_rss_mib()
     result["peak_rss_process_mib"] = peak_rss_mib()
@@ -329,6 +345,8 @@ def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> 
         str(args.lora_rank),
         "--threads",
         str(args.threads),
+        "--compute-dtype",
+        args.compute_dtype,
     ]
     # Large buffers always come from mmap and go back to the OS when freed, so that RSS follows the live
     # tensors rather than what glibc's dynamic thresholds happen to keep cached from earlier phases.
@@ -406,6 +424,13 @@ def main() -> None:
         help="CPU threads per child; memory does not depend on it, and on a shared machine one thread avoids "
         "the spin-waiting of oversubscribed thread pools",
     )
+    parser.add_argument(
+        "--compute-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the 4-bit rows' compute dtype (auto: bfloat16 where native); with bfloat16 the checkpoint loads "
+        "in bfloat16 and the passes run under autocast, as a GPU recipe does",
+    )
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
     parser.add_argument("--child", choices=list(CONFIGURATIONS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -413,7 +438,9 @@ def main() -> None:
 
     if args.child:
         torch.set_num_threads(args.threads)
-        result = child(args.child, args.model_dir, args.batch_size, args.sequence_length, args.lora_rank)
+        result = child(
+            args.child, args.model_dir, args.batch_size, args.sequence_length, args.lora_rank, args.compute_dtype
+        )
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from alignment.models import loading
+from alignment.models.loading import attach_adapter, load_base_model
 from alignment.models.precision import (
     CPU_BFLOAT16_FLAGS,
     compute_dtype,
@@ -15,7 +18,7 @@ from alignment.models.precision import (
     trainer_precision_args,
 )
 from alignment.recipes.load import load_recipe
-from alignment.recipes.schema import ModelConfig, QuantizationConfig
+from alignment.recipes.schema import LoraSettings, ModelConfig, QuantizationConfig
 
 from conftest import ROOT, SHIPPED_RECIPES
 
@@ -56,3 +59,64 @@ def test_the_toy_reward_recipe_computes_in_bfloat16_only_where_it_is_native():
     recipe = load_recipe(ROOT / "recipes" / "toy" / "reward.yaml")
     assert recipe.model.quantization.compute_dtype == "auto"
     assert compute_dtype(recipe.model) == (torch.bfloat16 if native_bfloat16() else torch.float32)
+
+
+def tiny_untied_llama(folder: Path) -> Path:
+    """A small Llama with its own LM head (not tied to the embeddings), saved in bfloat16."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def test_frozen_embeddings_and_lm_head_stay_in_bfloat16_after_k_bit_preparation(tmp_path, monkeypatch):
+    """Issue 16 item 4: k-bit preparation casts the embeddings and the LM head to float32 (most of a 4-bit
+    copy's memory); with a bfloat16 checkpoint and compute dtype they stay bfloat16, half the bytes, and
+    the logits under autocast, the residual stream's dtype and a LoRA step's gradients are unchanged."""
+    folder = tiny_untied_llama(tmp_path / "llama")
+    config = ModelConfig(
+        name_or_path=str(folder), dtype="bfloat16", quantization=QuantizationConfig(compute_dtype="bfloat16")
+    )
+    kept = load_base_model(config)
+    monkeypatch.setattr(loading, "keep_frozen_embeddings_in_compute_dtype", lambda model, config: None)
+    upcast = load_base_model(config)  # what k-bit preparation alone leaves
+    for model, dtype in ((kept, torch.bfloat16), (upcast, torch.float32)):
+        assert model.get_input_embeddings().weight.dtype == model.get_output_embeddings().weight.dtype == dtype
+        assert model.model.norm.weight.dtype == torch.float32
+    for model in (kept, upcast):
+        embedding_bytes = [
+            m.weight.numel() * m.weight.element_size() for m in (model.model.embed_tokens, model.lm_head)
+        ]
+        print(f"embeddings and LM head: {sum(embedding_bytes) / 1024:.0f} KiB")
+    assert kept.lm_head.weight.element_size() * 2 == upcast.lm_head.weight.element_size()
+    input_ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits, gradients = [], []
+    for model in (kept, upcast):
+        torch.manual_seed(0)
+        model = attach_adapter(model, "policy", LoraSettings(r=4, alpha=8, dropout=0.0))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # non-zero, so the gradients reach every adapter weight
+                torch.nn.init.normal_(parameter, std=0.02)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(input_ids=input_ids, labels=input_ids, output_hidden_states=True)
+        assert output.hidden_states[0].dtype == torch.float32  # the residual stream starts in float32
+        output.loss.backward()
+        logits.append(output.logits.detach())
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    assert torch.equal(logits[0], logits[1])
+    assert gradients[0].keys() == gradients[1].keys()
+    assert all(torch.equal(gradients[0][name], gradients[1][name]) for name in gradients[0])
+    with torch.no_grad():  # outside autocast the LM head reads its input in bfloat16
+        assert kept(input_ids=input_ids).logits.dtype == torch.bfloat16
+
+
+def test_float32_compute_keeps_the_embeddings_in_float32(tmp_path):
+    folder = tiny_untied_llama(tmp_path / "llama")
+    config = ModelConfig(
+        name_or_path=str(folder), dtype="bfloat16", quantization=QuantizationConfig(compute_dtype="float32")
+    )
+    model = load_base_model(config)
+    assert model.get_input_embeddings().weight.dtype == model.get_output_embeddings().weight.dtype == torch.float32
