@@ -9,6 +9,7 @@ import sys
 import yaml
 
 from alignment.data.loading import DataError
+from alignment.names import REWARD
 from alignment.recipes.validate import RecipeError
 from alignment.stages.base import StageInputError, to_plain
 
@@ -59,12 +60,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from alignment.models.heads import load_trained_reward_model, read_reward_stats, score_conversations
 
-    model, head, tokenizer = load_trained_reward_model(args.stage_dir, "reward")
+    model, head, tokenizer = load_trained_reward_model(args.stage_dir, REWARD)
     conversations = [
         [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": response}]
         for response in args.response
     ]
-    rewards = score_conversations(model, head, tokenizer, conversations, adapter="reward")
+    rewards = score_conversations(model, head, tokenizer, conversations, adapter=REWARD)
     if args.normalize:
         stats = read_reward_stats(args.stage_dir)
         rewards = [(reward - stats["mean"]) / max(stats["std"], 1e-8) for reward in rewards]

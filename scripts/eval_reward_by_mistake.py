@@ -24,8 +24,8 @@ import torch
 
 from alignment.models.heads import load_trained_reward_model, score_conversations
 from alignment.models.loading import load_trained_policy
+from alignment.names import REWARD
 from alignment.ppo.core import response_logprobs
-from alignment.ppo.trainer import REWARD
 from alignment.toy.tasks import FAMILIES, toy_rows, wrong_answer
 
 NUMBER_FAMILIES = ("add", "length", "count_a")

@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 
 from alignment.models.heads import load_trained_reward_model, score_conversations
-from alignment.ppo.trainer import REWARD
+from alignment.names import REWARD
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ def toy_recipe(output_dir: Path) -> dict:
             {
                 "name": "dpo",
                 "type": "dpo",
-                "policy_from": "sft",
+                "init_from": "sft",
                 "data": data,
                 "evaluation": {"num_prompts": 8, "max_new_tokens": 8, "batch_size": 8},
                 "args": {
@@ -189,13 +189,26 @@ def test_every_dpo_option_passes_through_args(tmp_path):
     assert args.label_smoothing == 0.1 and args.precompute_ref_log_probs
 
 
-def test_policy_from_is_required_and_must_name_an_earlier_stage():
+def test_init_from_is_required_and_must_name_an_earlier_stage():
     raw = minimal_recipe()
     raw["stages"].append({"name": "dpo", "type": "dpo", "data": raw["stages"][0]["data"]})
-    with pytest.raises(RecipeError, match="policy_from"):
+    with pytest.raises(RecipeError, match="init_from"):
         validate_recipe(raw)
-    raw["stages"][1]["policy_from"] = "sfft"
+    raw["stages"][1]["init_from"] = "sfft"
     with pytest.raises(RecipeError, match="not an earlier stage"):
+        validate_recipe(raw)
+
+
+@pytest.mark.parametrize("stage_type", ["dpo", "ppo"])
+def test_the_old_policy_from_key_names_its_new_spelling(stage_type):
+    """Every stage starts from an earlier one with `init_from`; DPO's and PPO's old `policy_from` is refused
+    with the key to use instead, not as an unknown key."""
+    raw = minimal_recipe()
+    stage = {"name": "rl", "type": stage_type, "data": raw["stages"][0]["data"], "policy_from": "sft"}
+    raw["stages"].append(
+        stage | ({"reward_function": "alignment.evaluation.checkers:exact_match_reward"} if stage_type == "ppo" else {})
+    )
+    with pytest.raises(RecipeError, match=r"stages\.rl\.policy_from: 'policy_from' is now spelled 'init_from'"):
         validate_recipe(raw)
 
 
@@ -206,7 +219,7 @@ def test_shipped_dpo_recipes_validate(monkeypatch):
     for path in names:
         recipe = load_recipe(path)
         dpo = [stage for stage in recipe.stages if stage.type == "dpo"]
-        assert dpo and recipe.stage(dpo[0].policy_from).type == "sft", path
+        assert dpo and recipe.stage(dpo[0].init_from).type == "sft", path
 
 
 def test_stories260k_4bit_dpo_on_sharegpt_pairs(tmp_path):
@@ -232,7 +245,7 @@ def test_stories260k_4bit_dpo_on_sharegpt_pairs(tmp_path):
             {
                 "name": "dpo",
                 "type": "dpo",
-                "policy_from": "sft",
+                "init_from": "sft",
                 "data": {
                     "datasets": [{"path": str(DPO_DEMO), "format": "sharegpt_pairs"}],
                     "eval_split": 60,
@@ -255,7 +268,7 @@ def test_stories260k_4bit_dpo_on_sharegpt_pairs(tmp_path):
 
     runs = [read_offline_run(run) for run in sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))]
     (logged,) = [run for run in runs if run["run"]["job_type"] == "dpo"]
-    assert logged["run"]["name"] == "stories-dpo/dpo" and logged["config"]["stage"]["policy_from"] == "sft"
+    assert logged["run"]["name"] == "stories-dpo/dpo" and logged["config"]["stage"]["init_from"] == "sft"
     assert len([row for row in logged["history"] if "train/rewards/accuracies" in row]) == 3
     assert logged["summary"]["eval/rewards/accuracies"] == pytest.approx(metrics["eval/rewards/accuracies"])
 

@@ -7,7 +7,6 @@ import torch
 from safetensors import safe_open
 
 from alignment.models.heads import (
-    SCORE_HEAD_FILE,
     AttentionScalarHead,
     ScalarHead,
     ScoreHeadConfig,
@@ -15,6 +14,7 @@ from alignment.models.heads import (
     load_scalar_head,
     save_scalar_head,
 )
+from alignment.names import SCORE_HEAD_FILE
 from alignment.recipes.load import validate_recipe
 from alignment.recipes.validate import RecipeError
 

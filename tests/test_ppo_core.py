@@ -442,10 +442,10 @@ def test_config_defaults_are_valid_and_derive_batch_sizes() -> None:
     config = PPOConfig()
     assert config.mini_batch_size * config.num_mini_batches == config.rollout_batch_size
     assert config.micro_batch_size * config.gradient_accumulation_steps == config.mini_batch_size
-    assert not config.adaptive_kl
     assert PPOConfig(num_iterations=7).iterations(10**6) == 7
     assert PPOConfig(rollout_batch_size=64, total_episodes=100).iterations(10**6) == 2
     assert PPOConfig(rollout_batch_size=64).iterations(640) == 10
+    assert PPOConfig(rollout_batch_size=64).iterations(640, num_processes=2) == 5  # each process rolls out 64
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,9 @@ from alignment.models.heads import load_reward_role, score_conversations
 from alignment.models.loading import attach_adapter, keep_cpu_4bit_exact, load_base_model, load_tokenizer
 from alignment.models.precision import compute_dtype as model_compute_dtype
 from alignment.models.sampling import Responses, turn_suffix_ids
+from alignment.names import POLICY, REFERENCE
 from alignment.ppo import core
-from alignment.ppo.trainer import POLICY, REFERENCE, PPOTrainer
+from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
 from alignment.runner import make_stage, run_recipe
@@ -78,7 +79,7 @@ def pipeline(
             {
                 "name": "ppo",
                 "type": "ppo",
-                "policy_from": "sft",
+                "init_from": "sft",
                 "reward_from": "reward",
                 "data": TOY_DATA,
                 "evaluation": {"num_prompts": 16, "max_new_tokens": 8},

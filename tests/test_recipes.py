@@ -223,7 +223,7 @@ def test_the_instructgpt_recipes_run_sft_then_reward_then_ppo_from_base_models(m
             ("ppo", "ppo"),
         ], path
         reward, ppo = recipe.stage("reward"), recipe.stage("ppo")
-        assert reward.init_from == "sft" and ppo.policy_from == "sft" and ppo.reward_from == "reward"
+        assert reward.init_from == "sft" and ppo.init_from == "sft" and ppo.reward_from == "reward"
         bases[path.name] = recipe.model.name_or_path
     assert {bases[name] for name in ("qwen2.5-0.5b-hh.yaml", "llama-3.2-1b-hh.yaml", "llama-3.1-8b-hh.yaml")} == {
         "Qwen/Qwen2.5-0.5B",

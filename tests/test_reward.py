@@ -22,7 +22,6 @@ from alignment import cli
 from alignment.data.build import EVAL, build_stage_data
 from alignment.data.loading import DataError
 from alignment.models.heads import (
-    SCORE_HEAD_FILE,
     encode_conversations,
     load_reward_role,
     read_reward_stats,
@@ -31,6 +30,7 @@ from alignment.models.heads import (
 )
 from alignment.models.loading import attach_adapter, load_base_model
 from alignment.models.precision import native_bfloat16
+from alignment.names import SCORE_HEAD_FILE
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
 from alignment.runner import run_recipe

@@ -19,8 +19,9 @@ from alignment.data.build import EVAL, TRAIN, build_stage_data
 from alignment.models.heads import active_adapter, load_scalar_head, score_conversations, sequence_scores
 from alignment.models.loading import load_tokenizer
 from alignment.models.sampling import sample, stop_token_ids, turn_suffix_ids
+from alignment.names import POLICY, REWARD
 from alignment.ppo import core
-from alignment.ppo.trainer import POLICY, REWARD, PPOTrainer
+from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.runner import make_stage, run_recipe
 from alignment.tracking import Tracker
@@ -68,7 +69,7 @@ def smollm2_recipe(model_dir: Path, output_dir: Path) -> dict:
             {
                 "name": "ppo",
                 "type": "ppo",
-                "policy_from": "sft",
+                "init_from": "sft",
                 "reward_from": "reward",
                 "data": hh,
                 "evaluation": {"num_prompts": 4, "max_new_tokens": 8, "batch_size": 4, "temperature": 1.0},

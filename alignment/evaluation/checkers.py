@@ -50,9 +50,3 @@ def exact_match_reward(prompts: list, responses: list[str], references: list[str
     return [
         1.0 if exact(response, reference) else 0.0 for response, reference in zip(responses, references, strict=True)
     ]
-
-
-def gsm8k_reward(prompts: list, responses: list[str], references: list[str]) -> list[float]:
-    return [
-        1.0 if gsm8k(response, reference) else 0.0 for response, reference in zip(responses, references, strict=True)
-    ]

@@ -35,10 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignment.names import REWARD, REWARD_STATS_FILE, SCORE_HEAD_FILE
 from alignment.recipes.validate import RecipeError
-
-SCORE_HEAD_FILE = "score_head.safetensors"
-REWARD_STATS_FILE = "reward_stats.json"  # {"mean", "std", "count"} of rewards over the training prompts
 
 
 @dataclass
@@ -331,7 +329,7 @@ def read_reward_stats(stage_dir: str | Path) -> dict[str, float]:
 
 
 def load_reward_role(
-    model: PreTrainedModel | PeftModel, stage_dir: str | Path, adapter_name: str = "reward"
+    model: PreTrainedModel | PeftModel, stage_dir: str | Path, adapter_name: str = REWARD
 ) -> tuple[PeftModel, nn.Module]:
     """Puts a reward stage's adapter onto an already-loaded base as frozen adapter `adapter_name`.
 
@@ -353,7 +351,7 @@ def load_reward_role(
 
 
 def load_trained_reward_model(
-    stage_dir: str | Path, adapter_name: str = "reward"
+    stage_dir: str | Path, adapter_name: str = REWARD
 ) -> tuple[PeftModel, nn.Module, PreTrainedTokenizerBase]:
     """A reward stage's model on its own base, with its saved tokenizer, ready to score conversations."""
     from transformers import AutoTokenizer

@@ -22,6 +22,7 @@ from transformers import (
 
 from alignment.models.chat_templates import apply_chat_template_choice
 from alignment.models.precision import compute_dtype, torch_dtype
+from alignment.names import RESOLVED_RECIPE, SAVED_ADAPTER
 from alignment.recipes.schema import LoraSettings, ModelConfig
 from alignment.toy.base import TOY_MODEL_NAME, ensure_toy_base
 
@@ -233,7 +234,7 @@ def load_stage_recipe(stage_dir: str | Path):
     """The resolved recipe a stage saved beside its adapter."""
     from alignment.recipes.load import load_recipe
 
-    path = Path(stage_dir) / "recipe.yaml"
+    path = Path(stage_dir) / RESOLVED_RECIPE
     if not path.exists():
         raise FileNotFoundError(
             f"{stage_dir} is not a stage output folder (no recipe.yaml); point at runs/<run>/<stage>"
@@ -246,6 +247,6 @@ def load_trained_policy(stage_dir: str | Path) -> tuple[PeftModel, PreTrainedTok
     recipe = load_stage_recipe(stage_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))
     base = load_base_model(recipe.model)
-    model = attach_adapter(base, "default", from_path=stage_dir, trainable=False)
+    model = attach_adapter(base, SAVED_ADAPTER, from_path=stage_dir, trainable=False)
     model.eval()
     return model, tokenizer

@@ -222,13 +222,10 @@ class PPOConfig:
         """Episodes per forward/backward pass during the update."""
         return self.mini_batch_size // self.gradient_accumulation_steps
 
-    @property
-    def adaptive_kl(self) -> bool:
-        return self.kl_target is not None
-
-    def iterations(self, num_prompts: int) -> int:
-        """Iterations to run for a prompt dataset of `num_prompts` rows (one pass when no budget is set)."""
+    def iterations(self, num_prompts: int, num_processes: int = 1) -> int:
+        """Iterations to run for a prompt dataset of `num_prompts` rows (one pass when no budget is set);
+        each iteration rolls out `rollout_batch_size` episodes in every process."""
         if self.num_iterations is not None:
             return self.num_iterations
         episodes = self.total_episodes if self.total_episodes is not None else num_prompts
-        return max(1, math.ceil(episodes / self.rollout_batch_size))
+        return max(1, math.ceil(episodes / (self.rollout_batch_size * num_processes)))

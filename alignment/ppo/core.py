@@ -4,6 +4,23 @@ Sources: Ziegler et al. 2019 (KL-penalised reward, adaptive KL), Ouyang et al. 2
 objective), Schulman et al. 2016 (GAE) and 2017 (clipped surrogate), and the implementation details
 collected by Huang et al. (2023, 2024), which TRL's PPO trainer follows.
 
+The papers' symbols and their names here (and in `PPOConfig` and the trainer's `Rollout`):
+
+| symbol | name | what |
+| --- | --- | --- |
+| π_θ | `new_logprobs` | the policy being updated (the `policy` adapter), log-probs in the update |
+| π_old | `old_logprobs`, `Rollout.logprobs` | the policy that sampled the rollout |
+| π_SFT | `reference_logprobs` | the frozen SFT policy (the `reference` adapter) |
+| r_θ(x, y) | `scores` (`raw_scores` before normalisation) | the reward model's (or checker's) score of a whole answer |
+| β | `kl_coef` | the KL coefficient; `kl_target` makes it adaptive (Ziegler et al.) |
+| KL_t | `kl_penalty(...)` | log π_old − log π_SFT per token (k1), or the k3 estimator |
+| r_t | `per_token_rewards(...)` | −β·KL_t, plus r_θ at the answer's last token |
+| V(s_t) | `values` (`Rollout.values`: V_old) | the value head on the `value` adapter |
+| γ, λ | `gamma`, `lam` | GAE's discount and its bias-variance trade-off |
+| A_t, R_t | `advantages`, `returns` | GAE advantages (whitened when `whiten_advantages`) and R_t = A_t + V_old(s_t) |
+| ε | `cliprange`, `cliprange_value` | the ratio's clip range; the value's around V_old |
+| γ_ptx | `ptx_coef` | PPO-ptx: the weight of the pre-training (SFT) loss |
+
 Conventions: every tensor is batch x time over the *response* tokens only. `mask` is 1 for a real
 response token, up to and including the first EOS, and 0 for everything after it (padding); it takes
 part in every mean, the KL, the rewards and the GAE, so padding never leaks into a statistic.

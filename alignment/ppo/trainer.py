@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import random
 import time
@@ -42,11 +41,11 @@ from alignment.models.heads import (
     sequence_scores,
 )
 from alignment.models.sampling import Responses, sample, turn_suffix_ids
+from alignment.names import POLICY, REFERENCE, REWARD, VALUE
 from alignment.ppo import core
 from alignment.ppo.config import PPOConfig
 from alignment.tracking import Tracker
 
-POLICY, REFERENCE, REWARD, VALUE = "policy", "reference", "reward", "value"
 CHECKPOINT = "ppo_checkpoint.pt"
 
 # A reward source maps sampled responses to one score each: the reward role, a separate reward model or a
@@ -220,7 +219,7 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(
             trainable, lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay
         )
-        self.num_iterations = self._count_iterations()
+        self.num_iterations = config.iterations(len(self.prompts), self.accelerator.num_processes)
         total_steps = self.num_iterations * config.num_ppo_epochs * config.num_mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
@@ -232,13 +231,6 @@ class PPOTrainer:
         self.model.eval()  # dropout off in every pass, including the update
 
     # ---- bookkeeping ------------------------------------------------------------------------
-    def _count_iterations(self) -> int:
-        config = self.config
-        if config.num_iterations is not None:
-            return config.num_iterations
-        episodes = config.total_episodes or len(self.prompts)
-        return max(1, math.ceil(episodes / (config.rollout_batch_size * self.accelerator.num_processes)))
-
     def _prompt_batch(self, iteration: int) -> list[dict]:
         """The prompts of one iteration (see `prompt_indices`), read from the dataset in one go."""
         size, processes = self.config.rollout_batch_size, self.accelerator.num_processes

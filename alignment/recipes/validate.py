@@ -160,8 +160,12 @@ def field_types(cls: type) -> dict[str, Any]:
 
 
 def check_keys(cls: type, data: dict, path: str, what: str = "key") -> None:
+    """Every key is a field of `cls`; a key the class lists in `RENAMED_KEYS` is refused with its new name."""
     valid = list(field_types(cls))
+    renamed = getattr(cls, "RENAMED_KEYS", {})
     for key in data:
+        if key in renamed:
+            raise RecipeError(join(path, str(key)), f"'{key}' is now spelled '{renamed[key]}' (same value)")
         if key not in valid:
             raise RecipeError(join(path, str(key)), unknown_key_message(str(key), valid, what))
 

@@ -28,6 +28,7 @@ import yaml
 
 from alignment.distributed import process_state
 from alignment.io import atomic_directory, write_json, write_text
+from alignment.names import MANIFEST, METRICS, RESOLVED_RECIPE
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.recipes.validate import check_args
 from alignment.tracking import Tracker
@@ -35,7 +36,6 @@ from alignment.tracking import Tracker
 logger = logging.getLogger(__name__)
 
 STAGE_TYPES: dict[str, type[Stage]] = {}
-MANIFEST, METRICS, RESOLVED_RECIPE = "manifest.json", "metrics.json", "recipe.yaml"
 LIBRARIES = ("alignment", "torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "accelerate", "wandb")
 
 

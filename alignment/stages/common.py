@@ -12,6 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from alignment.data.build import EVAL, EVAL_HELD_OUT, StageData
 from alignment.evaluation.generation import SAMPLE_COLUMNS, evaluate_generation
 from alignment.io import write_jsonl
+from alignment.names import SAMPLES_DIR
 from alignment.recipes.schema import GenerationEvalConfig
 from alignment.tracking import Tracker
 
@@ -77,6 +78,7 @@ def evaluate_splits(
             metrics |= scores
             tracker.table(f"{name}/samples", SAMPLE_COLUMNS, rows)
             write_jsonl(
-                output_dir / "samples" / f"{name}.jsonl", [dict(zip(SAMPLE_COLUMNS, row, strict=True)) for row in rows]
+                output_dir / SAMPLES_DIR / f"{name}.jsonl",
+                [dict(zip(SAMPLE_COLUMNS, row, strict=True)) for row in rows],
             )
     return metrics

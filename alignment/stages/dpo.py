@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from datasets import Dataset
@@ -27,22 +27,24 @@ from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, StageData, build_st
 from alignment.evaluation.generation import SAMPLE_COLUMNS, evaluate_generation
 from alignment.io import write_json, write_jsonl
 from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer
+from alignment.names import ADAPTER_CONFIG, LOG_HISTORY, SAMPLES_DIR, SAVED_ADAPTER, TRL_REFERENCE_ADAPTER
 from alignment.recipes.schema import GenerationEvalConfig, Recipe, StageSpec
 from alignment.stages.base import Stage, StageInputError, register
 from alignment.stages.common import last_checkpoint, split_metric_key, trainer_columns
 from alignment.tracking import Tracker
 
-POLICY, REFERENCE = "default", "ref"  # adapter names: ours for the policy, TRL's for its frozen copy
+POLICY, REFERENCE = SAVED_ADAPTER, TRL_REFERENCE_ADAPTER  # the policy as saved and loaded; TRL's frozen copy
 PREFERENCE_FIELDS = ["prompt", "chosen", "rejected"]
 
 
 @dataclass(kw_only=True)
 class DPOStageSpec(StageSpec):
-    policy_from: str  # the SFT stage whose adapter is both the starting policy and the frozen reference
+    init_from: str  # the SFT stage whose adapter is both the starting policy and the frozen reference
     evaluation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"policy_from": "init_from"}
 
     def depends_on(self) -> list[str]:
-        return [self.policy_from]
+        return [self.init_from]
 
 
 def check_reference(model: PeftModel) -> None:
@@ -81,12 +83,12 @@ def start_policy_at_reference(model: PeftModel) -> None:
 def require_policy_adapter(stage_dir: Path) -> None:
     """The input stage saved a causal-LM LoRA adapter (an SFT or DPO stage, not a reward model)."""
     try:
-        config = json.loads((stage_dir / "adapter_config.json").read_text())
+        config = json.loads((stage_dir / ADAPTER_CONFIG).read_text())
     except FileNotFoundError:
         raise StageInputError(f"{stage_dir} holds no saved adapter to start the DPO policy from") from None
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise StageInputError(
-            f"{stage_dir} holds a {config.get('task_type')} adapter; policy_from must name a stage that trains a "
+            f"{stage_dir} holds a {config.get('task_type')} adapter; init_from must name a stage that trains a "
             "causal-LM policy (an sft stage)"
         )
 
@@ -139,7 +141,7 @@ def evaluate_preferences(
             metrics |= scores
             tracker.table(f"{name}/samples", SAMPLE_COLUMNS, rows)
             samples = [dict(zip(SAMPLE_COLUMNS, row, strict=True)) for row in rows]
-            write_jsonl(output_dir / "samples" / f"{name}.jsonl", samples)
+            write_jsonl(output_dir / SAMPLES_DIR / f"{name}.jsonl", samples)
     return metrics
 
 
@@ -153,7 +155,7 @@ class DPOStage(Stage):
         recipe, spec = self.recipe, self.spec
         if spec.data is None:
             raise StageInputError(f"stage '{spec.name}' needs `data` with preference pairs")
-        policy_dir = self.require_stage(spec.policy_from)
+        policy_dir = self.require_stage(spec.init_from)
         require_policy_adapter(policy_dir)
         tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
         args = self.trl_args(tracker)
@@ -170,6 +172,6 @@ class DPOStage(Stage):
         trainer.model.delete_adapter(REFERENCE)  # the output is the policy alone, loadable like an SFT adapter
         trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
-        write_json(output_dir / "log_history.json", trainer.state.log_history)
+        write_json(output_dir / LOG_HISTORY, trainer.state.log_history)
         tracker.log(metrics)
         return metrics

@@ -12,7 +12,7 @@ import importlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -35,11 +35,9 @@ from alignment.models.loading import (
     use_adapter,
 )
 from alignment.models.precision import compute_dtype
+from alignment.names import LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE, VALUE_HEAD_FILE
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.trainer import (
-    POLICY,
-    REFERENCE,
-    VALUE,
     PPOTrainer,
     adapter_reward,
     function_reward,
@@ -65,17 +63,18 @@ class RewardModelConfig(ModelConfig):
 
 @dataclass
 class PPOStageSpec(StageSpec):
-    policy_from: str = ""  # the SFT stage: its adapter starts the policy and is the frozen reference
+    init_from: str = ""  # the SFT stage: its adapter starts the policy and is the frozen reference
     reward_from: str | None = None  # the reward stage (adapter + head), or...
     reward_function: str | None = None  # ...a Python reward `module:function(prompts, responses, references)`
     reward_model: RewardModelConfig | None = None  # ...or a separate sequence-classification model
     value_from: Literal["reward", "policy"] = "reward"
     ptx_data: DataSpec | None = None  # PPO-ptx: SFT data whose loss is mixed in (args.ptx_coef)
     evaluation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"policy_from": "init_from"}
 
     def __post_init__(self) -> None:
-        if not self.policy_from:
-            raise RecipeError("policy_from", "a ppo stage needs policy_from: <the sft stage>")
+        if not self.init_from:
+            raise RecipeError("init_from", "a ppo stage needs init_from: <the sft stage>")
         sources = [self.reward_from, self.reward_function, self.reward_model]
         if sum(source is not None for source in sources) != 1:
             raise RecipeError(
@@ -86,7 +85,7 @@ class PPOStageSpec(StageSpec):
             raise RecipeError("value_from", "value_from: reward needs reward_from; use value_from: policy")
 
     def depends_on(self) -> list[str]:
-        return [name for name in (self.policy_from, self.reward_from) if name]
+        return [name for name in (self.init_from, self.reward_from) if name]
 
 
 def import_function(path: str) -> Any:
@@ -181,9 +180,9 @@ class PPOStage(Stage):
         for item in policy_dir.iterdir():  # the policy adapter at the folder's root, as for SFT
             item.replace(output_dir / item.name)
         policy_dir.rmdir()
-        torch.save(value_head.state_dict(), output_dir / "adapters" / VALUE / "value_head.pt")
+        torch.save(value_head.state_dict(), output_dir / "adapters" / VALUE / VALUE_HEAD_FILE)
         tokenizer.save_pretrained(str(output_dir))
-        write_json(output_dir / "log_history.json", history)
+        write_json(output_dir / LOG_HISTORY, history)
 
         if eval_split is not None:
             final, rows = self.evaluate(trainer, eval_split, EVAL)
@@ -195,7 +194,7 @@ class PPOStage(Stage):
     def build_roles(self, tokenizer: Any, data: Any) -> tuple[Any, nn.Module, Any, dict | None]:
         """Loads the base once and puts the four roles on it; returns (model, value head, reward, stats)."""
         recipe, spec = self.recipe, self.spec
-        sft_dir = self.require_stage(spec.policy_from)
+        sft_dir = self.require_stage(spec.init_from)
         model = load_base_model(recipe.model)
         model = attach_adapter(model, POLICY, from_path=sft_dir, trainable=True)
         model = attach_adapter(model, REFERENCE, from_path=sft_dir, trainable=False)
@@ -277,7 +276,7 @@ class PPOStage(Stage):
         if tracker is not None:
             tracker.table(f"{name}/samples", EVAL_COLUMNS, rows)
         write_jsonl(
-            output_dir / "samples" / f"{name}.jsonl", [dict(zip(EVAL_COLUMNS, row, strict=True)) for row in rows]
+            output_dir / SAMPLES_DIR / f"{name}.jsonl", [dict(zip(EVAL_COLUMNS, row, strict=True)) for row in rows]
         )
 
     def ptx_sampler(self, tokenizer: Any, seed: int) -> PtxSampler | None:

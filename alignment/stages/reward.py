@@ -44,8 +44,6 @@ from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
 from alignment.data.policy_pairs import PolicySamplesConfig, sample_policy_pairs
 from alignment.io import write_json, write_jsonl
 from alignment.models.heads import (
-    REWARD_STATS_FILE,
-    SCORE_HEAD_FILE,
     ScoreHeadConfig,
     build_score_head,
     encode_conversations,
@@ -60,6 +58,7 @@ from alignment.models.loading import (
     load_tokenizer,
     lora_config,
 )
+from alignment.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOG_HISTORY, POLICY, REWARD_STATS_FILE, SCORE_HEAD_FILE
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.stages.base import Stage, register
 from alignment.stages.common import keep_float32_master_weights, last_checkpoint, trainer_columns
@@ -68,9 +67,8 @@ from alignment.tracking import Tracker
 logger = logging.getLogger(__name__)
 
 PAIR_FIELDS = ["prompt", "chosen", "rejected", "margin"]
-PAIR_REWARDS_FILE = "pair_rewards.json"
-POLICY_PAIRS_FILE = "policy_pairs.jsonl"  # the pairs made from the policy's samples, for inspection  # held-out pairs' rewards by split, in the split's order
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+PAIR_REWARDS_FILE = "pair_rewards.json"  # held-out pairs' rewards by split, in the split's order
+POLICY_PAIRS_FILE = "policy_pairs.jsonl"  # the pairs made from the policy's samples, for inspection
 SCORE_MODULE = "score"  # the classification head of AutoModelForSequenceClassification
 HEAD_MODULES = ("lm_head", *SEQ_CLS_HEAD_NAMES)  # heads of one model form or the other, never in the adapter
 PAIR_TABLE_COLUMNS = ["prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "correct"]
@@ -337,7 +335,7 @@ class RewardStage(Stage):
         metrics |= data.metrics() | sampled_metrics
 
         save_reward_model(trainer, tokenizer, output_dir, spec.score_head)
-        write_json(output_dir / "log_history.json", trainer.state.log_history)
+        write_json(output_dir / LOG_HISTORY, trainer.state.log_history)
 
         batch_size, pair_rewards = spec.evaluation.batch_size, {}
         for name in (EVAL, EVAL_HELD_OUT):
@@ -365,7 +363,7 @@ class RewardStage(Stage):
         config = self.spec.policy_samples
         prompts = build_stage_data(self.spec.data, "prompt", self.seed, tokenizer).splits[TRAIN]
         policy_dir = self.require_stage(config.policy_from)
-        policy = attach_adapter(load_base_model(self.recipe.model), "policy", from_path=policy_dir, trainable=False)
+        policy = attach_adapter(load_base_model(self.recipe.model), POLICY, from_path=policy_dir, trainable=False)
         pairs, metrics = sample_policy_pairs(policy, tokenizer, prompts, config, self.seed)
         del policy
         gc.collect()

@@ -16,6 +16,7 @@ from trl import SFTConfig, SFTTrainer
 from alignment.data.build import EVAL, TRAIN, build_stage_data
 from alignment.io import write_json
 from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer
+from alignment.names import LOG_HISTORY, SAVED_ADAPTER
 from alignment.recipes.schema import GenerationEvalConfig, StageSpec
 from alignment.stages.base import Stage, register
 from alignment.stages.common import evaluate_splits, keep_float32_master_weights, last_checkpoint, trainer_columns
@@ -47,7 +48,7 @@ class SFTStage(Stage):
 
         model = load_base_model(recipe.model, args.gradient_checkpointing)
         init = self.require_stage(spec.init_from) if spec.init_from else None
-        model = attach_adapter(model, "default", recipe.lora, from_path=init)
+        model = attach_adapter(model, SAVED_ADAPTER, recipe.lora, from_path=init)
 
         trainer = SFTTrainer(
             model=model,
@@ -66,7 +67,7 @@ class SFTStage(Stage):
 
         trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
-        write_json(output_dir / "log_history.json", trainer.state.log_history)
+        write_json(output_dir / LOG_HISTORY, trainer.state.log_history)
 
         metrics |= evaluate_splits(trainer, data, tokenizer, spec.evaluation, tracker, SFT_FIELDS, output_dir)
         return metrics

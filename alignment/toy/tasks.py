@@ -232,11 +232,6 @@ def toy_rows(
     return rows
 
 
-def check_answer(family: str, x: str, response: str) -> bool:
-    """Exact match of the response (surrounding whitespace ignored) against the family's solver."""
-    return response.strip() == FAMILIES[family].solve(x)
-
-
 def wrong_answer(family: str, x: str, seed: int) -> str:
     fam = FAMILIES[family]
     return fam.corrupt(x, fam.solve(x), random.Random(f"{seed}:{family}:{x}"))

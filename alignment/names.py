@@ -1,0 +1,19 @@
+"""The names stages share: the adapter roles on the one base, and the files one stage writes for
+another (or for a user) to read. One place for each, so readers and writers cannot drift apart."""
+
+# Adapter roles. PPO holds all four on the base; a saved stage's adapter is PEFT's default one, which
+# is what PEFT, TRL and serving tools load; TRL's DPOTrainer names its frozen copy of the policy `ref`.
+POLICY, REFERENCE, REWARD, VALUE = "policy", "reference", "reward", "value"
+SAVED_ADAPTER = "default"
+TRL_REFERENCE_ADAPTER = "ref"
+
+# Files in a stage's folder.
+MANIFEST = "manifest.json"  # what ran, on what, from which inputs, and whether it completed
+METRICS = "metrics.json"  # the stage's final metrics
+RESOLVED_RECIPE = "recipe.yaml"  # the whole recipe as run, every default filled in
+LOG_HISTORY = "log_history.json"  # the training log, one row per logging step or PPO iteration
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # PEFT's own names
+SAMPLES_DIR = "samples"  # generated answers, one `<split>.jsonl` per evaluated split
+SCORE_HEAD_FILE = "score_head.safetensors"  # a reward stage's score head
+REWARD_STATS_FILE = "reward_stats.json"  # {"mean", "std", "count"} of rewards over the training prompts
+VALUE_HEAD_FILE = "value_head.pt"  # a PPO stage's value head, beside the value adapter
