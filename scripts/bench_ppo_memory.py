@@ -386,8 +386,8 @@ def table(results: list[dict], base_parameters: int) -> str:
     for result in results:
         baseline = result["rss_after_imports_mib"]
         passes = result["peak_rss_passes_mib"] - baseline
-        adapters = result["parameters"] - base_parameters * (1 if result["configuration"] == "shared-4bit" else 4)
-        copies = 1 if result["configuration"] == "shared-4bit" else 4
+        copies = 1 if result["configuration"].startswith("shared") else 4
+        adapters = result["parameters"] - base_parameters * copies
         held = f"{copies} × {millions(base_parameters)}"
         if adapters > 0:
             held += f" + {millions(adapters)}"
