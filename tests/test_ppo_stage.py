@@ -16,6 +16,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from alignment.data.build import TRAIN, build_stage_data
@@ -24,7 +25,7 @@ from alignment.models.heads import load_reward_role, score_conversations
 from alignment.models.loading import attach_adapter, keep_cpu_4bit_exact, load_base_model, load_tokenizer
 from alignment.models.precision import compute_dtype as model_compute_dtype
 from alignment.models.sampling import Responses, turn_suffix_ids
-from alignment.names import POLICY, REFERENCE
+from alignment.names import POLICY, REFERENCE, SCORE_HEAD_FILE
 from alignment.ppo import core
 from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.load import load_recipe, validate_recipe
@@ -136,7 +137,7 @@ def test_ppo_writes_policy_adapter_metrics_and_manifest(trained):
     stage = output_dir / "ppo"
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["status"] == "completed" and set(manifest["inputs"]["stages"]) == {"sft", "reward"}
-    assert (stage / "adapter_model.safetensors").exists() and (stage / "adapters" / "value" / "value_head.pt").exists()
+    assert (stage / "adapter_model.safetensors").exists() and (stage / "adapters" / "value" / SCORE_HEAD_FILE).exists()
     metrics = json.loads((stage / "metrics.json").read_text())
     for key in (
         "objective/kl",
@@ -260,7 +261,7 @@ def test_an_attention_reward_head_becomes_the_value_head_and_reads_left_padded_r
     recipe = validate_recipe(pipeline(output_dir, score_head={"type": "attention", "heads": 4, "head_dim": 8}))
     metrics = run_recipe(recipe)["ppo"]
     assert all(torch.isfinite(torch.tensor(metrics[f"train/{key}"])) for key in ("loss/value_avg", "objective/scores"))
-    saved_value_head = torch.load(output_dir / "ppo" / "adapters" / "value" / "value_head.pt")
+    saved_value_head = load_file(output_dir / "ppo" / "adapters" / "value" / SCORE_HEAD_FILE)  # no pickle
     assert {name: tuple(tensor.shape) for name, tensor in saved_value_head.items()} == {
         "query_weight": (32, 128),
         "key_weight": (32, 128),

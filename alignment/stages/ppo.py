@@ -27,6 +27,7 @@ from alignment.models.heads import (
     load_reward_role,
     load_scalar_head,
     read_reward_stats,
+    save_scalar_head,
 )
 from alignment.models.loading import (
     attach_adapter,
@@ -35,7 +36,7 @@ from alignment.models.loading import (
     use_adapter,
 )
 from alignment.models.precision import compute_dtype
-from alignment.names import LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE, VALUE_HEAD_FILE
+from alignment.names import LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.trainer import (
     PPOTrainer,
@@ -180,7 +181,7 @@ class PPOStage(Stage):
         for item in policy_dir.iterdir():  # the policy adapter at the folder's root, as for SFT
             item.replace(output_dir / item.name)
         policy_dir.rmdir()
-        torch.save(value_head.state_dict(), output_dir / "adapters" / VALUE / VALUE_HEAD_FILE)
+        save_scalar_head(value_head, output_dir / "adapters" / VALUE)  # safetensors, as a reward stage saves its head
         tokenizer.save_pretrained(str(output_dir))
         write_json(output_dir / LOG_HISTORY, history)
 
