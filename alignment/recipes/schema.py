@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from alignment.recipes.validate import RecipeError
 
@@ -158,6 +158,8 @@ class StageSpec:
     type: str
     data: DataSpec | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    # Keys of earlier versions, refused with their new spelling (DPO and PPO said `policy_from`).
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"policy_from": "init_from"}
 
     def depends_on(self) -> list[str]:
         """Names of earlier stages whose outputs this stage reads."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -41,7 +41,6 @@ PREFERENCE_FIELDS = ["prompt", "chosen", "rejected"]
 class DPOStageSpec(StageSpec):
     init_from: str  # the SFT stage whose adapter is both the starting policy and the frozen reference
     evaluation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
-    RENAMED_KEYS: ClassVar[dict[str, str]] = {"policy_from": "init_from"}
 
     def depends_on(self) -> list[str]:
         return [self.init_from]

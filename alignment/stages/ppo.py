@@ -12,7 +12,7 @@ import importlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -71,7 +71,6 @@ class PPOStageSpec(StageSpec):
     value_from: Literal["reward", "policy"] = "reward"
     ptx_data: DataSpec | None = None  # PPO-ptx: SFT data whose loss is mixed in (args.ptx_coef)
     evaluation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
-    RENAMED_KEYS: ClassVar[dict[str, str]] = {"policy_from": "init_from"}
 
     def __post_init__(self) -> None:
         if not self.init_from:
