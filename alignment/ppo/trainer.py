@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
-import random
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -23,15 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import Dataset
 from peft import PeftModel
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from alignment.evaluation.checkers import resolve_checker
+from alignment.io import read_json, write_json
 from alignment.models.heads import (
     active_adapter,
     decoder_stack,
@@ -46,7 +49,9 @@ from alignment.ppo import core
 from alignment.ppo.config import PPOConfig
 from alignment.tracking import Tracker
 
-CHECKPOINT = "ppo_checkpoint.pt"
+CHECKPOINT = "ppo_checkpoint"  # accelerate's save_state folder in the stage's work folder
+TRAINER_STATE = "trainer_state.json"  # in it: counters, history, config, KL controller, PPO-ptx sampler
+TRAINABLE_WEIGHTS = "model.safetensors"  # in it: the trainable weights only (accelerate's name for the model's)
 
 # A reward source maps sampled responses to one score each: the reward role, a separate reward model or a
 # Python function. It gets the token ids too, so a reward model scores exactly what was sampled.
@@ -70,6 +75,10 @@ class Rollout:
     responses: list[str]
     prompts: list[list[dict]]
     gold: list[bool | None]
+    kl: torch.Tensor  # KL_t, the per-token penalty's estimate
+    kl_coef: float  # β when the rollout was scored
+    advantages: torch.Tensor  # A_t (whitened when the config says so)
+    returns: torch.Tensor  # R_t = A_t + V_old(s_t), before whitening
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -185,6 +194,21 @@ def _prompt_order(num_prompts: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed))
 
 
+class PolicyAndValue(torch.nn.Module):
+    """The trainable parts, the adapters on the shared base and the value head, in one module, so that
+    accelerate prepares both and DDP averages all their gradients."""
+
+    def __init__(self, model: PeftModel, value_head: torch.nn.Module):
+        super().__init__()
+        self.model, self.value_head = model, value_head
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+
 class PPOTrainer:
     """Runs PPO iterations over a prompt dataset; resumable from its last checkpoint.
 
@@ -208,24 +232,28 @@ class PPOTrainer:
         seed: int = 0,
         compute_dtype: torch.dtype = torch.float32,
     ):
-        self.config, self.model, self.value_head, self.reward = config, model, value_head, reward
+        self.config, self.reward = config, reward
         self.tokenizer, self.prompts, self.work_dir, self.tracker = tokenizer, prompts, Path(work_dir), tracker
         self.reward_stats, self.ptx_batches, self.seed = reward_stats, ptx_batches, seed
-        self.accelerator = Accelerator()
+        self.accelerator = Accelerator(step_scheduler_with_optimizer=False)  # one scheduler step per optimiser step
         self.device = self.accelerator.device
         self.compute_dtype = compute_dtype
-        self.value_head.to(self.device)
-        trainable = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+        policy_and_value = PolicyAndValue(model, value_head.to(self.device))
         self.optimizer = torch.optim.AdamW(
-            trainable, lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay
-        )
+            policy_and_value.trainable_parameters().values(),
+            lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay,
+        )  # fmt: skip
         self.num_iterations = config.iterations(len(self.prompts), self.accelerator.num_processes)
-        total_steps = self.num_iterations * config.num_ppo_epochs * config.num_mini_batches
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
+        self.scheduler = get_scheduler(
+            "linear", self.optimizer, num_warmup_steps=0,
+            num_training_steps=self.num_iterations * config.num_ppo_epochs * config.num_mini_batches,
+        )  # fmt: skip
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+            policy_and_value, self.optimizer, self.scheduler
         )
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self._unwrapped = self.accelerator.unwrap_model(self.model)  # unwrapping walks every module: once
+        self.policy_and_value = self.accelerator.unwrap_model(self.model)  # unwrapping walks every module: once
+        self.accelerator.register_save_state_pre_hook(self._save_trainable_weights)
+        self.accelerator.register_load_state_pre_hook(self._load_trainable_weights)
         self.kl_controller = core.make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
         self.iteration, self.episode, self.history = 0, 0, []
         self.model.eval()  # dropout off in every pass, including the update
@@ -247,7 +275,7 @@ class PPOTrainer:
     @property
     def unwrapped(self) -> PeftModel:
         """The PeftModel under accelerate's wrapper: adapters are switched on it, forwards go through the wrapper."""
-        return self._unwrapped
+        return self.policy_and_value.model
 
     def _response_logits(
         self, adapter: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
@@ -308,7 +336,9 @@ class PPOTrainer:
                 position_ids=positions_from_mask(attention_mask),
                 use_cache=False,
             ).last_hidden_state
-            values = self.value_head.token_scores(hidden, attention_mask)[:, response_start - 1 : -1].float()
+            values = self.policy_and_value.value_head.token_scores(hidden, attention_mask)[
+                :, response_start - 1 : -1
+            ].float()
         return pad_columns(values, width)
 
     def _micro_batches(self, size: int) -> list[slice]:
@@ -354,34 +384,37 @@ class PPOTrainer:
             else None
             for row, text in zip(rows, sampled.texts, strict=True)
         ]
+        logprobs, reference_logprobs, values = torch.cat(logprobs), torch.cat(reference_logprobs), torch.cat(values)
+        mask = attention_mask[:, start:]
+        kl = core.kl_penalty(logprobs, reference_logprobs, config.kl_estimator)
+        kl_coef = self.kl_controller.value
+        rewards = core.per_token_rewards(scores, kl, kl_coef, mask)
+        advantages, returns = core.compute_gae(rewards, values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = core.masked_whiten(advantages, mask, moments=self._moments_over_processes(advantages, mask))
         return Rollout(
-            input_ids[:, :start], attention_mask[:, :start], input_ids[:, start:], attention_mask[:, start:], ended,
-            torch.cat(logprobs), torch.cat(reference_logprobs), torch.cat(values),
-            scores, raw_scores, sampled.texts, sampled.prompts, gold,
+            input_ids[:, :start], attention_mask[:, :start], input_ids[:, start:], mask, ended,
+            logprobs, reference_logprobs, values, scores, raw_scores, sampled.texts, sampled.prompts, gold,
+            kl, kl_coef, advantages, returns,
         )  # fmt: skip
 
     # ---- update -------------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> dict[str, float]:
-        """Rewards → GAE → num_ppo_epochs passes of clipped policy and value updates over mini-batches.
+        """num_ppo_epochs passes of clipped policy and value updates over mini-batches of the rollout.
 
         Every loss is a sum over the mini-batch's real tokens divided by their count, whatever the
         micro-batches: gradient accumulation changes only the memory a step needs, never its gradient.
         """
         config = self.config
-        mask = rollout.response_mask
-        kl = core.kl_penalty(rollout.logprobs, rollout.reference_logprobs, config.kl_estimator)
-        kl_coef = self.kl_controller.value
-        rewards = core.per_token_rewards(rollout.scores, kl, kl_coef, mask)
-        advantages, returns = core.compute_gae(rewards, rollout.values, mask, config.gamma, config.lam)
-        if config.whiten_advantages:
-            advantages = core.masked_whiten(advantages, mask, moments=self._moments_over_processes(advantages, mask))
-
+        mask, kl, kl_coef = rollout.response_mask, rollout.kl, rollout.kl_coef
+        advantages, returns = rollout.advantages, rollout.returns
+        update_generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
         input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
         batch_size = len(rollout.responses)
         mini_batch_size = batch_size // config.num_mini_batches
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(config.num_ppo_epochs):
-            order = torch.randperm(batch_size, generator=self._update_generator)
+            order = torch.randperm(batch_size, generator=update_generator)
             for first in range(0, batch_size, mini_batch_size):
                 mini_batch = order[first : first + mini_batch_size].to(self.device)
                 num_tokens = mask[mini_batch].sum().clamp(min=1)
@@ -421,7 +454,6 @@ class PPOTrainer:
                     totals["val/ratio"] += core.masked_sum(ratio, response_mask) / num_tokens
                 for key, total in totals.items():
                     stats[key].append(total)
-                self._average_value_head_gradients()
                 if config.max_grad_norm is not None:
                     params = [p for group in self.optimizer.param_groups for p in group["params"]]
                     self.accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -457,14 +489,6 @@ class PPOTrainer:
             ).loss
 
     # ---- several processes ----------------------------------------------------------------------
-    def _average_value_head_gradients(self) -> None:
-        """The value head lives outside the DDP-wrapped model, so its gradients are averaged here."""
-        if self.accelerator.num_processes == 1:
-            return
-        for parameter in self.value_head.parameters():
-            if parameter.grad is not None:
-                parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
-
     def _moments_over_processes(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """Whitening statistics of every process's rollouts together, as one process with the whole batch would see."""
         if self.accelerator.num_processes == 1:
@@ -487,7 +511,6 @@ class PPOTrainer:
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, on_iteration: Callable[[int, dict], None] | None = None) -> list[dict]:
         """Runs the remaining iterations (all of them, or those after the last checkpoint)."""
-        self._update_generator = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed + self.accelerator.process_index)  # each process samples its own responses
         self.load_checkpoint()
         config = self.config
@@ -544,86 +567,84 @@ class PPOTrainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        state = {name: p.detach().cpu().clone() for name, p in self.unwrapped.named_parameters() if p.requires_grad}
-        state |= {f"value_head.{name}": p.detach().cpu().clone() for name, p in self.value_head.state_dict().items()}
-        return state
+        """The trainable weights (policy and value adapters, value head), copied to the CPU."""
+        return {name: p.detach().cpu().clone() for name, p in self.policy_and_value.trainable_parameters().items()}
+
+    def _save_trainable_weights(self, models: list, weights: list, output_dir: str) -> None:
+        """accelerate's save hook: the trainable weights, not the whole state with the frozen 4-bit base."""
+        weights[0] = {name: tensor.contiguous() for name, tensor in self.trainable_state().items()}
+
+    def _load_trainable_weights(self, models: list, input_dir: str) -> None:
+        """accelerate's load hook: the trainable weights back, every one of them, then nothing else to load."""
+        saved, parameters = load_file(Path(input_dir) / TRAINABLE_WEIGHTS), self.policy_and_value.trainable_parameters()
+        if saved.keys() != parameters.keys():
+            raise RuntimeError(f"{input_dir} holds other trainable weights than this run's; delete {self.work_dir}")
+        for name, tensor in saved.items():
+            parameters[name].data.copy_(tensor)
+        models.clear()
 
     def save_checkpoint(self) -> Path:
-        """Everything needed to continue exactly: trainable weights, optimiser, scheduler, KL controller,
-        the PPO-ptx sampler, random generators, counters and history, and the config that wrote them,
-        written atomically."""
-        rng = gather_object([self._rng_state()])  # every process's generators, so each resumes its own stream
-        if not self.accelerator.is_main_process:
-            return self.work_dir / CHECKPOINT
-        state = {
-            "config": dataclasses.asdict(self.config),
-            "iteration": self.iteration,
-            "episode": self.episode,
-            "history": self.history,
-            "trainable": self.trainable_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "kl_controller": self.kl_controller.state_dict(),
-            "ptx_sampler": self.ptx_batches.state_dict() if self.ptx_batches is not None else None,
-            "rng": rng,
-        }
+        """Everything needed to continue exactly, through accelerate's `save_state` (trainable weights as
+        safetensors, optimiser, scheduler, every process's random generators) plus our counters, history,
+        config, KL controller and PPO-ptx sampler as JSON (accelerate's custom objects would need pickle).
+        Written beside the last checkpoint and swapped in with renames, so a kill leaves one whole."""
         path = self.work_dir / CHECKPOINT
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{CHECKPOINT}.tmp")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            write_json(tmp / TRAINER_STATE, {
+                "config": dataclasses.asdict(self.config),
+                "iteration": self.iteration,
+                "episode": self.episode,
+                "history": self.history,
+                "kl_controller": self.kl_controller.state_dict(),
+                "ptx_sampler": self.ptx_batches.state_dict() if self.ptx_batches is not None else None,
+                "num_processes": self.accelerator.num_processes,
+            })  # fmt: skip
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            old = path.with_name(f".{CHECKPOINT}.old")
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         return path
-
-    def _rng_state(self) -> dict[str, Any]:
-        return {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "update": self._update_generator.get_state(),
-        }
 
     def load_checkpoint(self) -> bool:
         path = self.work_dir / CHECKPOINT
-        if not path.exists():
+        if not (path / TRAINER_STATE).exists():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_json(path / TRAINER_STATE)
+        saved_config = json_round_trip(dataclasses.asdict(self.config))
         changed = {
-            key: (value, getattr(self.config, key, None))
-            for key, value in state.get("config", {}).items()
-            if value != getattr(self.config, key, None)
+            key: (value, saved_config.get(key))
+            for key, value in state["config"].items()
+            if value != saved_config.get(key)
         }
-        if changed or "config" not in state:
+        if changed:
             differences = ", ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changed.items())
             raise RuntimeError(
-                f"{path} was written by a PPO run with another config ({differences or 'unknown'}); resuming "
+                f"{path} was written by a PPO run with another config ({differences}); resuming "
                 f"would mix the two runs. Put the config back to continue it, or delete {self.work_dir} to start afresh"
             )
-        parameters = dict(self.unwrapped.named_parameters())
-        head_state = {}
-        for name, tensor in state["trainable"].items():
-            if name.startswith("value_head."):
-                head_state[name.removeprefix("value_head.")] = tensor
-            else:
-                parameters[name].data.copy_(tensor.to(parameters[name].device))
-        self.value_head.load_state_dict(head_state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.kl_controller.load_state_dict(state["kl_controller"])
-        if self.ptx_batches is not None and state.get("ptx_sampler") is not None:
-            self.ptx_batches.load_state_dict(state["ptx_sampler"])
-        if len(state["rng"]) != self.accelerator.num_processes:
+        if state["num_processes"] != self.accelerator.num_processes:
             raise RuntimeError(
-                f"{path} was written by {len(state['rng'])} process(es), this run has "
+                f"{path} was written by {state['num_processes']} process(es), this run has "
                 f"{self.accelerator.num_processes}: resume with the same number, or delete {self.work_dir}"
             )
-        rng = state["rng"][self.accelerator.process_index]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self._update_generator.set_state(rng["update"])
+        self.accelerator.load_state(str(path))
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.ptx_batches is not None and state["ptx_sampler"] is not None:
+            self.ptx_batches.load_state_dict(state["ptx_sampler"])
         self.iteration, self.episode, self.history = state["iteration"], state["episode"], state["history"]
         print(f"ppo: resumed from {path} at iteration {self.iteration}/{self.num_iterations}")
         return True
+
+
+def json_round_trip(data: Any) -> Any:
+    """`data` as it reads back from JSON (tuples become lists), to compare with what a checkpoint holds."""
+    return json.loads(json.dumps(data, default=str))

@@ -113,14 +113,16 @@ def load_reward_model(config: RewardModelConfig) -> tuple[Any, Any]:
 
 
 class PtxSampler:
-    """PPO-ptx batches of the SFT loss (prompt masked) drawn from `ptx_data`, with a state a checkpoint keeps."""
+    """PPO-ptx batches of the SFT loss (prompt masked) drawn from `ptx_data`; draw n is seeded by (seed, n),
+    so the count of draws is the whole state a checkpoint keeps."""
 
     def __init__(self, examples: Any, tokenizer: Any, seed: int):
-        self.examples, self.tokenizer = examples, tokenizer
-        self.generator = torch.Generator().manual_seed(seed)
+        self.examples, self.tokenizer, self.seed, self.draws = examples, tokenizer, seed, 0
 
     def __call__(self, size: int) -> dict[str, torch.Tensor]:
-        rows = [self.examples[int(i)] for i in torch.randint(len(self.examples), (size,), generator=self.generator)]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
+        self.draws += 1
+        rows = [self.examples[int(i)] for i in torch.randint(len(self.examples), (size,), generator=generator)]
         sequences, labels = [], []
         for row in rows:
             prompt = self.tokenizer.apply_chat_template(
@@ -136,11 +138,11 @@ class PtxSampler:
         batch["labels"] = torch.tensor([target + [-100] * (width - len(target)) for target in labels])
         return dict(batch)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
+    def state_dict(self) -> dict[str, int]:
+        return {"draws": self.draws}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.draws = state["draws"]
 
 
 @register
