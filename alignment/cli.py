@@ -10,6 +10,7 @@ import yaml
 
 from alignment.data.loading import DataError
 from alignment.names import REWARD
+from alignment.recipes.schema import SamplingConfig
 from alignment.recipes.validate import RecipeError
 from alignment.stages.base import StageInputError, to_plain
 
@@ -45,12 +46,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from alignment.evaluation.generation import generate_answers
     from alignment.models.loading import load_trained_policy
-    from alignment.recipes.schema import GenerationEvalConfig
 
     model, tokenizer = load_trained_policy(args.stage_dir)
-    config = GenerationEvalConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=8
-    )
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     prompts = [[{"role": "user", "content": prompt}] for prompt in args.prompt]
     for prompt, answer in zip(args.prompt, generate_answers(model, tokenizer, prompts, config), strict=True):
         print(answer if len(args.prompt) == 1 else f"{prompt}\t{answer}")
@@ -97,15 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_command("validate", "check a recipe and print it resolved, with the plan").set_defaults(func=cmd_validate)
 
     generate = commands.add_parser("generate", help="answer prompts with a trained stage")
-    generate.add_argument("stage_dir", help="a stage output folder, e.g. runs/toy-sft/sft")
+    generate.add_argument("stage_dir", help="a stage output folder, RUN_DIR/STAGE, e.g. runs/demo/sft")
     generate.add_argument("--prompt", action="append", required=True, help="a user prompt (repeatable)")
-    generate.add_argument("--max-new-tokens", type=int, default=128)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
-    generate.add_argument("--top-p", type=float, default=1.0)
+    defaults = SamplingConfig()  # the one place sampling settings and their defaults are declared
+    generate.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    generate.add_argument("--temperature", type=float, default=defaults.temperature, help="0 for greedy decoding")
+    generate.add_argument("--top-p", type=float, default=defaults.top_p)
     generate.set_defaults(func=cmd_generate)
 
     score = commands.add_parser("score", help="print the reward a trained reward stage gives a response")
-    score.add_argument("stage_dir", help="a reward stage output folder, e.g. runs/toy-reward/reward")
+    score.add_argument("stage_dir", help="a reward stage output folder, RUN_DIR/STAGE, e.g. runs/demo/reward")
     score.add_argument("--prompt", required=True, help="the user prompt")
     score.add_argument("--response", action="append", required=True, help="a response to score (repeatable)")
     score.add_argument(

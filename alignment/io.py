@@ -33,7 +33,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             try:
                 os.replace(tmp, target)
             except OSError:
-                # Another process built the same folder first (e.g. the toy base under accelerate).
+                # Another process built the same folder first (e.g. a plugin's model under accelerate).
                 if not target.exists():
                     raise
     finally:

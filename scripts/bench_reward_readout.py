@@ -79,11 +79,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    recipe = load_recipe(RECIPE, [f"stages.reward.data.datasets.0.toy.rows={args.rows}"])
+    recipe = load_recipe(RECIPE, [f"stages.reward.data.datasets.0.options.rows={args.rows}"])
     tokenizer = load_tokenizer(recipe.model, recipe.chat_template)
-    train = pairs_of([f"stages.reward.data.datasets.0.toy.rows={args.rows}"], recipe.seed, tokenizer)
+    train = pairs_of([f"stages.reward.data.datasets.0.options.rows={args.rows}"], recipe.seed, tokenizer)
     fresh = pairs_of(
-        [f"stages.reward.data.datasets.0.toy.rows={FRESH_ROWS}", "stages.reward.data.eval_split=1"],
+        [f"stages.reward.data.datasets.0.options.rows={FRESH_ROWS}", "stages.reward.data.eval_split=1"],
         FRESH_SEED,
         tokenizer,
     )

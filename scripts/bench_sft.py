@@ -72,7 +72,10 @@ def recipe(args: argparse.Namespace, work: Path, packing: bool = False):
                 {
                     "name": "sft",
                     "type": "sft",
-                    "data": {"datasets": [{"toy": {"rows": args.steps * args.batch_size}}], "eval_split": 0.0},
+                    "data": {
+                        "datasets": [{"path": "toy", "options": {"rows": args.steps * args.batch_size}}],
+                        "eval_split": 0.0,
+                    },
                     "evaluation": {"num_prompts": 0},
                     "args": sft_args,
                 }

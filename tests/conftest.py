@@ -45,7 +45,9 @@ def minimal_recipe(**overrides) -> dict:
         "name": "t",
         "output_dir": "runs/t",
         "model": {"name_or_path": "toy"},
-        "stages": [{"name": "sft", "type": "sft", "data": {"datasets": [{"toy": {"rows": 50}}]}, "args": {}}],
+        "stages": [
+            {"name": "sft", "type": "sft", "data": {"datasets": [{"path": "toy", "options": {"rows": 50}}]}, "args": {}}
+        ],
     }
     recipe.update(overrides)
     return recipe

@@ -12,7 +12,7 @@ from datasets import Dataset
 from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
 from alignment.data.loading import DataError
 from alignment.data.templates import BUILTIN_TEMPLATE_SETS
-from alignment.recipes.schema import DatasetSpec, DataSpec, ToySource
+from alignment.recipes.schema import DatasetSpec, DataSpec
 from alignment.toy.base import PRETRAIN_BATCH, build_toy_tokenizer, pretraining_batch
 
 from conftest import ALPACA, ALPACA_DEMO, need_shared
@@ -230,7 +230,7 @@ def test_flan_templates_with_held_out_phrasings(tmp_path):
 
 def test_toy_suite_splits_instances_and_templates():
     data = build_stage_data(
-        spec(DatasetSpec(toy=ToySource(rows=700), held_out_templates=1), eval_split=0.1), "sft", seed=0
+        spec(DatasetSpec(path="toy", options={"rows": 700}, held_out_templates=1), eval_split=0.1), "sft", seed=0
     )
     train, held = data.splits[TRAIN], data.splits[EVAL_HELD_OUT]
     assert len(train) == 630 and len(held) == 70

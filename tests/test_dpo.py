@@ -33,7 +33,7 @@ QUIET = {"activation_checkpointing": False, "save_strategy": "no", "dataloader_n
 
 def toy_recipe(output_dir: Path) -> dict:
     """SFT briefly (so its adapter is far from the bare base), then a few DPO steps on the same rows."""
-    data = {"datasets": [{"toy": {"rows": 240}, "held_out_templates": 1}], "eval_split": 16}
+    data = {"datasets": [{"path": "toy", "options": {"rows": 240}, "held_out_templates": 1}], "eval_split": 16}
     return {
         "name": "toy-dpo-test",
         "seed": 0,

@@ -35,7 +35,7 @@ from alignment.tracking import Tracker
 
 from conftest import ROOT, STORIES, need_shared
 
-TOY_DATA = {"datasets": [{"toy": {"rows": 600}, "held_out_templates": 1}], "eval_split": 0.1}
+TOY_DATA = {"datasets": [{"path": "toy", "options": {"rows": 600}, "held_out_templates": 1}], "eval_split": 0.1}
 COMMON_ARGS = {
     "per_device_train_batch_size": 16,
     "learning_rate": 3e-3,

@@ -21,7 +21,7 @@ from alignment.data.formats import (
 )
 from alignment.data.loading import DataError
 from alignment.models.chat_templates import apply_chat_template_choice
-from alignment.recipes.schema import DatasetSpec, DataSpec, ToySource
+from alignment.recipes.schema import DatasetSpec, DataSpec
 from alignment.toy.base import build_toy_tokenizer
 from alignment.toy.tasks import FAMILIES, wrong_answer
 
@@ -209,7 +209,7 @@ def test_preference_rows_also_give_sft_and_prompt_examples(tmp_path):
 
 
 def test_toy_pairs_put_the_right_answer_against_a_wrong_one_with_held_out_pairs():
-    toy = DatasetSpec(toy=ToySource(rows=140), held_out_templates=1)
+    toy = DatasetSpec(path="toy", options={"rows": 140}, held_out_templates=1)
     data = build_stage_data(spec(toy, eval_split=0.2), "preference", seed=0)
     assert len(data.splits[TRAIN]) == 112 and len(data.splits[EVAL]) == len(data.splits[EVAL_HELD_OUT]) == 28
     for example in data.splits[TRAIN]:

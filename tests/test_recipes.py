@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from alignment import cli
+from alignment import cli, plugins
+from alignment.data.build import TRAIN, build_stage_data
 from alignment.recipes.load import apply_override, load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
 
@@ -138,7 +140,7 @@ def test_missing_local_dataset_file_is_caught_before_loading(tmp_path):
     assert "stages.sft.data.datasets[0].path" in message and "not found" in message and "nope.json" in message
 
 
-def test_dataset_needs_path_or_toy(tmp_path):
+def test_a_dataset_needs_a_path(tmp_path):
     recipe = minimal_recipe()
     recipe["stages"][0]["data"] = {"datasets": [{"format": "alpaca"}]}
     assert "stages.sft.data.datasets[0]" in error_of(tmp_path, recipe)
@@ -179,7 +181,7 @@ def cli_in_process(capsys, *args: str) -> tuple[int, str]:
     [
         (lambda r: r.update(lora={"r": "x"}), "lora.r"),
         (lambda r: r.update(modle={}), "Did you mean 'model'?"),
-        (lambda r: r["stages"][0]["data"]["datasets"][0].update(toy=None, path="missing.jsonl"), "missing.jsonl"),
+        (lambda r: r["stages"][0]["data"]["datasets"][0].update(path="missing.jsonl", options={}), "missing.jsonl"),
     ],
     ids=["wrong-type", "unknown-key", "missing-dataset-file"],
 )
@@ -230,3 +232,44 @@ def test_the_instructgpt_recipes_run_sft_then_reward_then_ppo_from_base_models(m
         "meta-llama/Llama-3.2-1B",
         "meta-llama/Llama-3.1-8B",
     }
+
+
+@dataclass
+class CountingOptions:
+    rows: int = 3
+    start: int = 0
+
+
+def test_a_plugin_registers_a_data_source_whose_options_the_recipe_validates(tmp_path, monkeypatch):
+    """The mechanism the embedded toy suite uses, open to any plugin: a source registered by name is read
+    with its options; a wrong option is named at validation, before anything loads."""
+    rows = lambda options, seed: [  # noqa: E731
+        {"prompt": f"Count on from {n}.", "completion": str(n + 1)}
+        for n in range(options.start, options.start + options.rows)
+    ]
+    monkeypatch.setitem(
+        plugins.SOURCES, "counting", plugins.DataSource("counting", CountingOptions, rows, "prompt_completion")
+    )
+    recipe = minimal_recipe()
+    recipe["stages"][0]["data"] = {"datasets": [{"path": "counting", "options": {"rows": 4, "start": 10}}]}
+    stage = validate_recipe(recipe).stage("sft")
+    data = build_stage_data(stage.data, "sft", seed=0, tokenizer=None)
+    assert sorted(row["reference"] for row in data.splits[TRAIN]) == ["11", "12", "13", "14"]
+    recipe["stages"][0]["data"]["datasets"][0]["options"] = {"rowz": 4}
+    message = error_of(tmp_path, recipe)
+    assert "stages.sft.data.datasets[0].options.rowz" in message and "rows" in message
+    recipe["stages"][0]["data"]["datasets"][0] = {"path": str(tmp_path / "data.jsonl"), "options": {"rows": 4}}
+    assert "stages.sft.data.datasets[0].options" in error_of(tmp_path, recipe)
+
+
+def test_only_the_plugin_registry_names_the_toy_suite():
+    """The toy suite is a plugin like any other: outside alignment/toy/, only alignment/plugins.py names it."""
+    package = ROOT / "alignment"
+    naming = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in package.rglob("*.py")
+        if "toy" not in path.relative_to(package).parts and path.name != "plugins.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "toy" in line.lower()
+    ]
+    assert naming == []

@@ -288,7 +288,7 @@ def test_toy_reward_model_tells_right_from_wrong_answers_on_held_out_pairs(tmp_p
 def test_policy_samples_add_checker_labelled_pairs_of_the_sft_policys_own_mistakes(tmp_path):
     """InstructGPT's comparison data with the toy checker as labeller: every pair made from the SFT
     policy's samples pairs the reference against a wrong sample of a training prompt."""
-    toy = {"datasets": [{"toy": {"rows": 400}, "held_out_templates": 1}], "eval_split": 0.1}
+    toy = {"datasets": [{"path": "toy", "options": {"rows": 400}, "held_out_templates": 1}], "eval_split": 0.1}
     args = {"per_device_train_batch_size": 16, "learning_rate": 3e-3, "max_length": 96, "save_strategy": "no"}
     args |= {"activation_checkpointing": False, "report_to": []}
     samples = {"policy_from": "sft", "samples_per_prompt": 3, "max_prompts": 24, "max_new_tokens": 12}

@@ -16,9 +16,10 @@ from typing import Any
 
 from datasets import Dataset
 
-from alignment.data.formats import FORMATS, Format, RowContext, RowError, detect_format, family_templates
+from alignment.data.formats import Format, RowContext, RowError, detect_format, formats
 from alignment.data.loading import DataError, load_raw
 from alignment.data.templates import draw_template, resolve_template_set
+from alignment.plugins import data_source
 from alignment.recipes.schema import DatasetSpec, DataSpec
 
 logger = logging.getLogger(__name__)
@@ -52,21 +53,26 @@ def example_token_length(example: dict, tokenizer: Any) -> int:
 
 
 def _resolve_format(spec: DatasetSpec, columns: list[str]) -> Format:
+    known = formats()
     if spec.format is not None:
-        if spec.format not in FORMATS:
-            raise DataError(f"{spec.label}: unknown format '{spec.format}'; known formats: {', '.join(FORMATS)}")
-        fmt = FORMATS[spec.format]
+        if spec.format not in known:
+            raise DataError(f"{spec.path}: unknown format '{spec.format}'; known formats: {', '.join(known)}")
+        fmt = known[spec.format]
     else:
         fmt = detect_format(columns)
         if fmt is None:
             raise DataError(
-                f"{spec.label}: cannot tell the format from the columns {columns}; set 'format' "
-                f"(one of {', '.join(FORMATS)}) and map other column names with 'columns'"
+                f"{spec.path}: cannot tell the format from the columns {columns}; set 'format' "
+                f"(one of {', '.join(known)}) and map other column names with 'columns'"
             )
-    if spec.toy is not None and fmt.name != "toy":
-        raise DataError(f"toy dataset: format must be 'toy', got '{fmt.name}'")
+    source = data_source(spec.path)
+    if source is not None and fmt.name != source.format:
+        raise DataError(f"{spec.path} dataset: format must be '{source.format}', got '{fmt.name}'")
     if (spec.templates or spec.held_out_templates) and not fmt.uses_templates:
-        raise DataError(f"{spec.label}: instruction templates apply to the alpaca and toy formats, not '{fmt.name}'")
+        with_templates = [name for name, other in known.items() if other.uses_templates]
+        raise DataError(
+            f"{spec.path}: instruction templates apply to the {', '.join(with_templates)} formats, not '{fmt.name}'"
+        )
     return fmt
 
 
@@ -91,7 +97,7 @@ class _Converter:
         self.dropped: Counter[str] = Counter()
 
     def _template(self, row: dict, index: int, held_out: bool) -> str | None:
-        templates = family_templates(self.fmt, row) or self.recipe_templates
+        templates = (self.fmt.row_templates and self.fmt.row_templates(row)) or self.recipe_templates
         if templates is None:
             return None
         return draw_template(templates, self.spec.held_out_templates, index, self.seed, use_held_out=held_out)
@@ -102,7 +108,7 @@ class _Converter:
             self.dropped[f"{field_name}: {reason or message}"] += 1
             return
         raise DataError(
-            f"{self.spec.label}: row {index}: field '{field_name}' {message} "
+            f"{self.spec.path}: row {index}: field '{field_name}' {message} "
             "(rows count from 0; set data.on_bad_rows: drop to skip bad rows)"
         )
 
@@ -134,7 +140,7 @@ class _Converter:
                         reason=f"over max_length {self.max_length}",
                     )
                     continue
-            example["source"] = self.spec.label
+            example["source"] = self.spec.path
             examples.append(example)
         return examples
 
@@ -175,7 +181,7 @@ def build_stage_data(
             if spec.held_out_templates:
                 parts[EVAL_HELD_OUT] += converter.convert(rows, eval_indices, held_out_templates=True)
             entry = {
-                "source": spec.label,
+                "source": spec.path,
                 "format": fmt.name,
                 "rows": len(rows),
                 **{name: len(parts[name]) - counts[name] for name in parts},
@@ -195,6 +201,6 @@ def build_stage_data(
         if entry["dropped"]:
             logger.warning("%s: dropped %d rows: %s", entry["source"], sum(entry["dropped"].values()), entry["dropped"])
     if not parts[TRAIN] and data.datasets:
-        raise DataError(f"no training examples left from {[spec.label for spec in data.datasets]}")
+        raise DataError(f"no training examples left from {[spec.path for spec in data.datasets]}")
     splits = {name: Dataset.from_list(examples) for name, examples in parts.items() if examples}
     return StageData(splits=splits, report=report)

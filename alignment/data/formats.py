@@ -7,7 +7,7 @@ recipe's chat template renders them the same way in every stage:
 - `preference`: {prompt: [messages], chosen: [message], rejected: [message], group} (reward model, DPO),
   plus `margin` when the data has one
 `reference` is the gold answer when there is one, `checker` names the function that compares a
-generated answer against it, and `group` labels rows for per-group accuracy (a toy task family).
+generated answer against it, and `group` labels rows for per-group accuracy (a task family).
 A format checks a row before converting it and raises RowError naming the field at fault.
 
 Preference pairs come in three shapes: an explicit prompt (`prompt`/`chosen`/`rejected`, text or
@@ -23,10 +23,9 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from alignment.data.templates import render_instruction
-from alignment.toy.tasks import FAMILIES, wrong_answer
+from alignment.plugins import load_plugins
 
 KINDS = ("sft", "prompt", "preference")
 
@@ -141,6 +140,7 @@ class Format:
     uses_templates: bool = False
     default_checker: str | None = None
     optional_fields: tuple[str, ...] = field(default_factory=tuple)
+    row_templates: Callable[[dict], tuple[str, ...] | None] | None = None  # a row's own templates, if it has any
 
     def convert(self, kind: str, row: dict, ctx: RowContext) -> dict:
         if kind not in self.converters:
@@ -214,37 +214,6 @@ def _prompt_completion_prompt(row: dict, ctx: RowContext) -> dict:
     prompt = with_system(_as_messages(row, "prompt", "user"), ctx.system)
     reference = row.get("completion")
     return prompt_example(prompt, reference if isinstance(reference, str) else "", ctx)
-
-
-# --- The embedded toy task suite --------------------------------------------------------------
-
-
-def _toy_fields(row: dict) -> tuple[str, str]:
-    family = require_text(row, "family")
-    if family not in FAMILIES:
-        raise RowError("family", f"unknown toy task family {family!r}; valid: {sorted(FAMILIES)}")
-    return family, require_text(row, "input")
-
-
-def _toy_prompt(row: dict, ctx: RowContext) -> tuple[list[dict], str, str]:
-    family, x = _toy_fields(row)
-    template = ctx.template if ctx.template is not None else FAMILIES[family].templates[0]
-    return with_system(user(template.format(x=x)), ctx.system), FAMILIES[family].solve(x), family
-
-
-def _toy_sft(row: dict, ctx: RowContext) -> dict:
-    prompt, answer, family = _toy_prompt(row, ctx)
-    return sft_example(prompt, answer, ctx, group=family)
-
-
-def _toy_prompt_only(row: dict, ctx: RowContext) -> dict:
-    prompt, answer, family = _toy_prompt(row, ctx)
-    return prompt_example(prompt, answer, ctx, group=family)
-
-
-def _toy_preference(row: dict, ctx: RowContext) -> dict:
-    prompt, answer, family = _toy_prompt(row, ctx)
-    return preference_example(prompt, answer, wrong_answer(family, row["input"], ctx.seed), group=family)
 
 
 # --- Preference pairs -------------------------------------------------------------------------
@@ -440,20 +409,19 @@ FORMATS: dict[str, Format] = {
             pair_converters(_implicit_pair),
             optional_fields=("margin",),
         ),
-        Format(
-            "toy",
-            ("family", "input"),
-            {"sft": _toy_sft, "prompt": _toy_prompt_only, "preference": _toy_preference},
-            uses_templates=True,
-            default_checker="exact",
-        ),
     ]
 }
 
 
+def formats() -> dict[str, Format]:
+    """Every format by name, the plugins' included."""
+    load_plugins()
+    return FORMATS
+
+
 def detect_format(columns: list[str]) -> Format | None:
     """The first format whose canonical fields are all present (most specific formats first)."""
-    for fmt in sorted(FORMATS.values(), key=lambda f: -len(f.fields)):
+    for fmt in sorted(formats().values(), key=lambda f: -len(f.fields)):
         if all(name in columns for name in fmt.fields):
             return fmt
     return None
@@ -462,10 +430,3 @@ def detect_format(columns: list[str]) -> Format | None:
 def register_format(fmt: Format) -> Format:
     FORMATS[fmt.name] = fmt
     return fmt
-
-
-def family_templates(fmt: Format, row: dict[str, Any]) -> tuple[str, ...] | None:
-    """Templates that belong to the row itself (toy families); None when the recipe's set applies."""
-    if fmt.name == "toy" and row.get("family") in FAMILIES:
-        return FAMILIES[row["family"]].templates
-    return None

@@ -1,4 +1,4 @@
-"""Loading raw datasets: hub ids and local Parquet/CSV/Arrow through `datasets`, the embedded toy suite.
+"""Loading raw datasets: hub ids and local Parquet/CSV/Arrow through `datasets`, and plugins' sources.
 
 Local JSON and JSONL (optionally gzipped) are read with Python's `json`: `datasets`' JSON loader falls
 back to pandas when a column has mixed types and then silently coerces values (the string "5" becomes
@@ -14,8 +14,9 @@ from pathlib import Path
 
 from datasets import load_dataset
 
+from alignment.plugins import data_source
 from alignment.recipes.schema import DatasetSpec
-from alignment.toy.tasks import toy_rows
+from alignment.recipes.validate import build
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -77,14 +78,13 @@ def read_json_rows(path: str) -> list[dict]:
 
 def load_raw(spec: DatasetSpec, seed: int) -> tuple[list[dict], list[str]]:
     """One dataset's rows as plain dicts (column mapping applied), and its column names."""
-    if spec.toy is not None:
-        toy_seed = spec.toy.seed if spec.toy.seed is not None else seed
+    source = data_source(spec.path)
+    if source is not None:
         try:
-            rows = toy_rows(spec.toy.rows, toy_seed, spec.toy.families)
+            rows = source.make_rows(build(source.options, spec.options, "options"), seed)
         except ValueError as error:
-            raise DataError(f"toy dataset: {error}") from None
-        return rows, ["family", "input", "answer"]
-    assert spec.path is not None
+            raise DataError(f"{spec.path} dataset: {error}") from None
+        return rows, sorted({key for row in rows for key in row})
     if is_local(spec.path):
         path = Path(spec.path).expanduser()
         if not path.exists():
@@ -112,7 +112,7 @@ def apply_column_mapping(rows: list[dict], columns: list[str], spec: DatasetSpec
     if missing:
         canonical, column = next(iter(missing.items()))
         raise DataError(
-            f"{spec.label}: columns.{canonical} names column '{column}', which the dataset lacks; "
+            f"{spec.path}: columns.{canonical} names column '{column}', which the dataset lacks; "
             f"its columns are {columns}"
         )
     renames = {column: canonical for canonical, column in spec.columns.items() if column != canonical}

@@ -10,7 +10,7 @@ Checker = Callable[[str, str], bool]
 
 
 def exact(response: str, reference: str) -> bool:
-    """Exact match, surrounding whitespace ignored (the toy suite's checker)."""
+    """Exact match, surrounding whitespace ignored (for answers with one right spelling)."""
     return response.strip() == reference.strip()
 
 

@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 from alignment.evaluation.checkers import resolve_checker
 from alignment.models.sampling import Responses, sample
-from alignment.recipes.schema import GenerationEvalConfig
+from alignment.recipes.schema import GenerationEvalConfig, SamplingConfig
 
 
 @torch.no_grad()
 def generate_responses(
-    model: Any, tokenizer: Any, prompts: Sequence[list[dict]], config: GenerationEvalConfig, desc: str = "generating"
+    model: Any, tokenizer: Any, prompts: Sequence[list[dict]], config: SamplingConfig, desc: str = "generating"
 ) -> list[Responses]:
     """Responses to chat prompts in batches of `config.batch_size`, each batch with its token ids and texts."""
     was_training = model.training
@@ -43,7 +43,7 @@ def generate_responses(
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: Sequence[list[dict]], config: GenerationEvalConfig, desc: str = "generating"
+    model: Any, tokenizer: Any, prompts: Sequence[list[dict]], config: SamplingConfig, desc: str = "generating"
 ) -> list[str]:
     """Answers to chat prompts as text, greedy or sampled as `config` says (see `alignment.models.sampling`)."""
     return [text for batch in generate_responses(model, tokenizer, prompts, config, desc) for text in batch.texts]

@@ -23,16 +23,17 @@ from transformers import (
 from alignment.models.chat_templates import apply_chat_template_choice
 from alignment.models.precision import compute_dtype, torch_dtype
 from alignment.names import RESOLVED_RECIPE, SAVED_ADAPTER
+from alignment.plugins import model_folder
 from alignment.recipes.schema import LoraSettings, ModelConfig
-from alignment.toy.base import TOY_MODEL_NAME, ensure_toy_base
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_model_path(config: ModelConfig) -> str:
-    """`toy`, a local folder (`~` expanded) or a hub id."""
-    if config.name_or_path == TOY_MODEL_NAME:
-        return str(ensure_toy_base())
+    """A plugin's model, a local folder (`~` expanded) or a hub id."""
+    folder = model_folder(config.name_or_path)
+    if folder is not None:
+        return str(folder)
     return str(Path(config.name_or_path).expanduser()) if config.name_or_path.startswith("~") else config.name_or_path
 
 

@@ -1,8 +1,8 @@
 """Which floating-point type a run computes in, chosen from the hardware it runs on.
 
 bfloat16 halves memory traffic and is what GPU recipes train in, but only where it runs natively: a
-CPU without AVX512-BF16 or AMX emulates it more than 10 times slower than float32 (the toy reward
-recipe's stage took 2.3 minutes with native bfloat16 and was still running after 39 without). `auto`
+CPU without AVX512-BF16 or AMX emulates it more than 10 times slower than float32 (the embedded
+reward recipe's stage took 2.3 minutes with native bfloat16 and was still running after 39 without). `auto`
 in a recipe therefore means bfloat16 on a CUDA device that supports it or on a CPU with those
 instructions, float32 everywhere else; a recipe that names a dtype gets that dtype.
 """

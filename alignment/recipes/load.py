@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from alignment.plugins import data_source
 from alignment.recipes.schema import Recipe
 from alignment.recipes.validate import RecipeError, build, closest, join
 
@@ -67,8 +68,9 @@ def apply_override(data: dict[str, Any], expression: str) -> None:
     container[slot] = value
 
 
-def check_local_files(spec: Any, path: str) -> None:
-    """Local dataset files must exist before any model loads; hub ids are resolved at run time."""
+def check_datasets(spec: Any, path: str) -> None:
+    """Before any model loads: local dataset files exist and a plugin source's options are its keys.
+    Hub ids are resolved at run time."""
     from alignment.data.loading import is_local
 
     data = getattr(spec, "data", None)
@@ -76,9 +78,17 @@ def check_local_files(spec: Any, path: str) -> None:
         return
     for group in ("datasets", "eval_datasets"):
         for index, dataset in enumerate(getattr(data, group)):
-            if dataset.path and is_local(dataset.path) and not Path(dataset.path).expanduser().exists():
+            where = f"{path}.data.{group}[{index}]"
+            source = data_source(dataset.path)
+            if source is not None:
+                build(source.options, dataset.options, f"{where}.options")
+            elif dataset.options:
                 raise RecipeError(
-                    f"{path}.data.{group}[{index}].path",
+                    f"{where}.options", f"options belong to a plugin's data source; {dataset.path!r} is none"
+                )
+            elif is_local(dataset.path) and not Path(dataset.path).expanduser().exists():
+                raise RecipeError(
+                    f"{where}.path",
                     f"dataset file not found: {dataset.path} (relative paths are read from {Path.cwd()})",
                 )
 
@@ -117,7 +127,7 @@ def validate_recipe(data: dict[str, Any], file: str | None = None) -> Recipe:
                         f"depends on stage '{dependency}', which is not an earlier stage (earlier: {names or 'none'})",
                     )
             spec.args = stage_cls.check_args(spec.args, join(path, "args"))
-            check_local_files(spec, path)
+            check_datasets(spec, path)
             stages.append(spec)
             names.append(spec.name)
         recipe.stages = stages

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, Literal
 
+from alignment.plugins import data_source
 from alignment.recipes.validate import RecipeError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -27,7 +28,7 @@ class QuantizationConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str  # hub id, local folder, or `toy` for the embedded tiny model
+    name_or_path: str  # hub id, local folder, or the name of a plugin's model
     revision: str | None = None
     dtype: DType = "auto"
     attn_implementation: str | None = None  # eager, sdpa, flash_attention_2, ...
@@ -77,20 +78,11 @@ class TrackingConfig:
 
 
 @dataclass
-class ToySource:
-    """Rows of the embedded synthetic task suite (see `alignment.toy`)."""
-
-    rows: int = 2000
-    families: list[str] | None = None
-    seed: int | None = None  # defaults to the recipe's seed
-
-
-@dataclass
 class DatasetSpec:
     """One dataset of a stage: where it is, how its rows read, and how much of it to use."""
 
-    path: str | None = None  # local file or folder (JSON, JSONL, .gz, Parquet, CSV) or a hub id
-    toy: ToySource | None = None
+    path: str  # local file or folder (JSON, JSONL, .gz, Parquet, CSV), a hub id, or a plugin's source
+    options: dict[str, Any] = field(default_factory=dict)  # the settings of a plugin's source
     name: str | None = None  # hub configuration name
     split: str = "train"
     format: str | None = None  # alpaca, messages, prompt_completion, sharegpt, ... (detected when absent)
@@ -103,22 +95,16 @@ class DatasetSpec:
     checker: str | None = None  # exact-answer checker for generated answers: built-in name or module:function
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.toy is None):
-            raise RecipeError("", "a dataset needs exactly one of 'path' or 'toy'")
         if self.weight <= 0:
             raise RecipeError("weight", f"must be positive, got {self.weight}")
         if self.held_out_templates < 0:
             raise RecipeError("held_out_templates", "must be zero or positive")
 
     @property
-    def label(self) -> str:
-        return self.path if self.path is not None else "toy"
-
-    @property
     def shuffle_key(self) -> str:
         """Seeds this dataset's shuffle: the file name, not its folder, so a split is the same on every machine."""
-        if self.path is None:
-            return "toy"
+        if data_source(self.path) is not None:  # a plugin's source: its name
+            return self.path
         return ":".join(part for part in (PurePosixPath(self.path).name, self.name, self.split) if part)
 
 
@@ -139,14 +125,32 @@ class DataSpec:
 
 
 @dataclass
-class GenerationEvalConfig:
+class SamplingConfig:
+    """How answers are sampled wherever the suite generates outside PPO's rollout: held-out evaluation,
+    a policy's own samples for reward pairs, `alignment generate`. Declared and checked here only; a use
+    with other defaults restates just the defaults. (PPO's rollout keys are PPOConfig's, as in TRL.)"""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise RecipeError("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise RecipeError("temperature", f"must be 0 (greedy) or above, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RecipeError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise RecipeError("batch_size", f"must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class GenerationEvalConfig(SamplingConfig):
     """Answers generated for held-out prompts after training, scored by the checker where there is one."""
 
     num_prompts: int = 64
-    max_new_tokens: int = 64
-    batch_size: int = 32
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
     before_training: bool = False  # SFT: also evaluate the starting model (loss and answers) as `<split>_initial`
 
 

@@ -178,7 +178,7 @@ class Stage:
             "versions": library_versions(),
             "inputs": {
                 "base_model": {"name_or_path": self.recipe.model.name_or_path, "revision": self.recipe.model.revision},
-                "datasets": [spec.label for spec in (self.spec.data.datasets if self.spec.data else [])],
+                "datasets": [spec.path for spec in (self.spec.data.datasets if self.spec.data else [])],
                 "stages": {name: str(self.input_stage_dir(name)) for name in self.spec.depends_on()},
             },
             "host": {

@@ -249,7 +249,7 @@ def score_pairs(
 
 
 def pair_metrics(chosen: list[float], rejected: list[float], groups: list[str], prefix: str) -> dict[str, float]:
-    """Pairwise accuracy with its 95% interval, margin, loss and mean rewards; accuracy also per group (toy task family)."""
+    """Pairwise accuracy with its 95% interval, margin, loss and mean rewards; accuracy also per group (a task family)."""
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     accuracy = sum(margin > 0 for margin in margins) / len(margins)
     metrics = {
