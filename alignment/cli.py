@@ -56,7 +56,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from alignment.models.heads import load_trained_reward_model, read_reward_stats, score_conversations
+    from alignment.models.heads import read_reward_stats
+    from alignment.models.scoring import load_trained_reward_model, score_conversations
 
     model, head, tokenizer = load_trained_reward_model(args.stage_dir, REWARD)
     conversations = [

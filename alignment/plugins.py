@@ -1,9 +1,6 @@
-"""Data sources and models that a recipe names instead of a path (`path: toy`, `name_or_path: toy`).
-
-A plugin registers what it brings: a data source (its `options:` keys and a function making rows), a
-row format (`alignment.data.formats.register_format`) and a model (a function returning the folder of
-its weights). The general modules look names up here and never name a plugin. The built-in plugins are
-listed below; other packages add theirs through the `alignment.plugins` entry-point group.
+"""Data sources, row formats and models that a recipe names instead of a path (`path: toy`,
+`name_or_path: toy`). A plugin registers them; general modules look them up here and name no plugin.
+The built-in plugins are listed below; other packages add theirs under the `alignment.plugins` entry point.
 """
 
 from __future__ import annotations
@@ -46,9 +43,8 @@ def load_plugins() -> None:
         entry.load()
 
 
-def register_source(source: DataSource) -> DataSource:
+def register_source(source: DataSource) -> None:
     SOURCES[source.name] = source
-    return source
 
 
 def register_model(name: str, folder: Callable[[], Path]) -> None:

@@ -145,7 +145,8 @@ def read_offline_run(run_folder: str | Path) -> dict[str, Any]:
     """What an offline W&B run recorded: run info, config, history rows and the final summary.
 
     wandb keeps offline runs in a binary `run-<id>.wandb` log; this reads it back (for tests, and for
-    comparing offline experiments without a server), using wandb's own protobuf records.
+    comparing offline experiments without a server), using wandb's own protobuf records. By hand because
+    wandb 0.31 has no Python reader of that log any more (its data store moved into the Go service).
     """
     import json
 

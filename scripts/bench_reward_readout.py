@@ -32,11 +32,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from alignment.data.build import TRAIN, build_stage_data
-from alignment.models.heads import AttentionScalarHead, encode_conversations
+from alignment.models.batching import encode_conversations
+from alignment.models.heads import AttentionScalarHead
 from alignment.models.loading import load_base_model, load_tokenizer
 from alignment.recipes.load import load_recipe
 from alignment.stages.reward import load_init_weights, pair_metrics
-from alignment.toy.base import ensure_toy_base
+from alignment.toy.base import shipped_toy_base
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "toy" / "reward.yaml"
 FRESH_SEED, FRESH_ROWS = 12345, 1000
@@ -91,7 +92,7 @@ def main() -> None:
     model_config = recipe.model
     model_config.quantization.mode = args.quantization
     model_config.quantization.compute_dtype = "bfloat16" if args.bf16 else "float32"
-    model_config.name_or_path = str(args.base or ensure_toy_base())
+    model_config.name_or_path = str(args.base or shipped_toy_base())
     model_config.attn_implementation = args.attn
     model = load_base_model(model_config, auto_class=AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id

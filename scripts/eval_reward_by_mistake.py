@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from alignment.models.heads import load_trained_reward_model, score_conversations
 from alignment.models.loading import load_trained_policy
+from alignment.models.scoring import load_trained_reward_model, score_conversations
 from alignment.names import REWARD
 from alignment.ppo.core import response_logprobs
 from alignment.toy.tasks import FAMILIES, toy_rows, wrong_answer

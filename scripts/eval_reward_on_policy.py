@@ -13,7 +13,7 @@ import argparse
 import json
 from collections import defaultdict
 
-from alignment.models.heads import load_trained_reward_model, score_conversations
+from alignment.models.scoring import load_trained_reward_model, score_conversations
 from alignment.names import REWARD
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from build_toy_base import bare_form, exact_match_by_family
+
 from alignment.models.loading import load_base_model, load_tokenizer
 from alignment.recipes.schema import ModelConfig, QuantizationConfig
-from alignment.toy.base import bare_form, exact_match_by_family
 from alignment.toy.tasks import FAMILIES, toy_rows
 
 

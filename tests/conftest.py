@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ ALPACA = SHARED / "data" / "alpaca" / "alpaca_5000.json"
 ALPACA_DEMO = SHARED / "data" / "llamafactory-demo" / "alpaca_en_demo.json"
 ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))  # launch configs, not recipes
 SHIPPED_RECIPES = sorted(path for path in (ROOT / "recipes").rglob("*.yaml") if path not in ACCELERATE_CONFIGS)
+sys.path.insert(0, str(ROOT / "scripts"))  # the toy base's builder (build_toy_base.py) is a script, not the package
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -7,13 +7,13 @@ import json
 import random
 
 import pytest
+from build_toy_base import PRETRAIN_BATCH, build_toy_tokenizer, pretraining_batch
 from datasets import Dataset
 
 from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
 from alignment.data.loading import DataError
 from alignment.data.templates import BUILTIN_TEMPLATE_SETS
 from alignment.recipes.schema import DatasetSpec, DataSpec
-from alignment.toy.base import PRETRAIN_BATCH, build_toy_tokenizer, pretraining_batch
 
 from conftest import ALPACA, ALPACA_DEMO, need_shared
 

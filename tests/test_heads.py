@@ -63,7 +63,20 @@ def test_attention_head_scores_ignore_left_padding_and_see_every_earlier_token()
     right_mask = mask.flip(-1)
     assert torch.allclose(head.last_token_scores(padded, mask), alone[:, -1], atol=1e-5)
     assert torch.allclose(head.last_token_scores(right_padded, right_mask), alone[:, -1], atol=1e-5)
-    assert torch.allclose(head(right_padded, right_mask, last_only=True), alone[:, -1], atol=1e-5)
+    # As a classifier's `score` (no mask), read at the last real token of a right-padded row: the same again.
+    assert torch.allclose(head(right_padded)[:, 4, 0], alone[:, -1], atol=1e-5)
+
+    # Given the mask of the classifier's call (a hook on its decoder), it computes only that token's query,
+    # and any position the classifier pools holds the same number.
+    class Decoder(torch.nn.Module):
+        def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            return hidden
+
+    decoder = Decoder()
+    head.pool_last_token_in(decoder)
+    decoder(right_padded, attention_mask=right_mask)
+    pooled = head(right_padded)
+    assert pooled.shape == (1, 7, 1) and torch.allclose(pooled[:, 4, 0], alone[:, -1], atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["linear", "attention"])

@@ -21,10 +21,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bits
 
 from alignment.data.build import TRAIN, build_stage_data
 from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
-from alignment.models.heads import load_reward_role, score_conversations
 from alignment.models.loading import attach_adapter, keep_cpu_4bit_exact, load_base_model, load_tokenizer
 from alignment.models.precision import compute_dtype as model_compute_dtype
 from alignment.models.sampling import Responses, turn_suffix_ids
+from alignment.models.scoring import load_reward_role, score_conversations
 from alignment.names import POLICY, REFERENCE, SCORE_HEAD_FILE
 from alignment.ppo import core
 from alignment.ppo.trainer import PPOTrainer

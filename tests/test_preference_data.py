@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+from build_toy_base import build_toy_tokenizer
 
 from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
 from alignment.data.formats import (
@@ -22,7 +23,6 @@ from alignment.data.formats import (
 from alignment.data.loading import DataError
 from alignment.models.chat_templates import apply_chat_template_choice
 from alignment.recipes.schema import DatasetSpec, DataSpec
-from alignment.toy.base import build_toy_tokenizer
 from alignment.toy.tasks import FAMILIES, wrong_answer
 
 from conftest import SHARED, need_shared

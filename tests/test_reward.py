@@ -21,16 +21,11 @@ from transformers import AutoTokenizer
 from alignment import cli
 from alignment.data.build import EVAL, build_stage_data
 from alignment.data.loading import DataError
-from alignment.models.heads import (
-    encode_conversations,
-    load_reward_role,
-    read_reward_stats,
-    score_conversations,
-    sequence_scores,
-)
-from alignment.models.loading import attach_adapter, load_base_model
+from alignment.models.batching import encode_conversations
+from alignment.models.heads import read_reward_stats
+from alignment.models.loading import attach_adapter, keep_cpu_4bit_exact, load_base_model
 from alignment.models.precision import native_bfloat16
-from alignment.names import SCORE_HEAD_FILE
+from alignment.models.scoring import load_reward_role, score_conversations, sequence_scores
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
 from alignment.runner import run_recipe
@@ -127,14 +122,14 @@ def shared_base(stories_run):
 def test_reward_stage_trains_on_hh_pairs_and_saves_adapter_head_stats(stories_run):
     recipe, output_dir, metrics = stories_run
     stage = output_dir / "reward"
-    for name in ("adapter_model.safetensors", "adapter_config.json", SCORE_HEAD_FILE, "reward_stats.json",
+    for name in ("adapter_model.safetensors", "adapter_config.json", "reward_stats.json",
                  PAIR_REWARDS_FILE, "tokenizer.json", "metrics.json", "manifest.json", "log_history.json"):  # fmt: skip
         assert (stage / name).exists(), name
-    config = json.loads((stage / "adapter_config.json").read_text())
-    assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None and config["r"] == 8
+    config = json.loads((stage / "adapter_config.json").read_text())  # PEFT's sequence-classification adapter
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"] and config["r"] == 8
     adapter = load_file(str(stage / "adapter_model.safetensors"))
-    assert adapter and all("lora_" in key for key in adapter)  # the head lives in its own file
-    head = {name: tuple(tensor.shape) for name, tensor in load_file(str(stage / SCORE_HEAD_FILE)).items()}
+    head = {key.split(".score.")[1]: tuple(tensor.shape) for key, tensor in adapter.items() if ".score." in key}
+    assert all("lora_" in key for key in adapter if ".score." not in key)  # the head is saved through PEFT
     if recipe.stage("reward").score_head.type == "linear":
         assert head == {"weight": (1, 64)}
     else:  # 4 heads of 8 query/key units on stories260k's 64 hidden units
@@ -177,6 +172,36 @@ def test_saved_adapter_and_head_on_a_second_slot_score_as_right_after_training(
     # The reward adapter is what makes the scores: the policy adapter under the same head scores differently.
     policy_scores = score_conversations(model, head, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
     assert max(abs(a - b) for a, b in zip(policy_scores, chosen, strict=True)) > 1e-3
+
+
+def test_a_linear_reward_stage_loads_with_plain_transformers_and_peft(stories_run, held_out_pairs):
+    """The standard form: transformers' sequence classifier of the base with PEFT's adapter on it, no code
+    of this suite, gives the rewards the stage wrote right after training."""
+    recipe, output_dir, _ = stories_run
+    if recipe.stage("reward").score_head.type != "linear":
+        pytest.skip("the attention score head is this suite's own module; plain transformers builds a linear score")
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    pairs, tokenizer = held_out_pairs
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(STORIES), num_labels=1, quantization_config=quantization, dtype=torch.float32
+    )
+    model = PeftModel.from_pretrained(base, str(output_dir / "reward")).eval()
+    keep_cpu_4bit_exact(model)  # bitsandbytes' bfloat16 CPU kernel (AVX512-BF16 CPUs only) would round differently
+    trained = json.loads((output_dir / "reward" / PAIR_REWARDS_FILE).read_text())[EVAL]
+    rewards = []
+    for pair in pairs:
+        ids = tokenizer.apply_chat_template(
+            pair["prompt"] + pair["chosen"], tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        with torch.no_grad():
+            rewards.append(model(**ids).logits.item())
+    assert rewards == pytest.approx(trained["chosen"], abs=1e-4)
 
 
 def test_scores_do_not_depend_on_padding_side_or_batch_composition(held_out_pairs, shared_base):

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from alignment.data.build import EVAL, TRAIN, build_stage_data
-from alignment.models.heads import active_adapter, load_scalar_head, score_conversations, sequence_scores
+from alignment.models.heads import active_adapter
 from alignment.models.loading import load_tokenizer
 from alignment.models.sampling import sample, stop_token_ids, turn_suffix_ids
+from alignment.models.scoring import read_score_head, score_conversations, sequence_scores
 from alignment.names import POLICY, REWARD
 from alignment.ppo import core
 from alignment.ppo.trainer import PPOTrainer
@@ -174,7 +175,7 @@ def test_the_reward_model_reads_the_sampled_ids_at_the_last_token(trainer, pipel
     a closing it never wrote, so it scores differently from the same text rendered as a finished turn."""
     _, output_dir = pipeline
     tokenizer, model = trainer.tokenizer, trainer.unwrapped
-    head = load_scalar_head(output_dir / "reward")
+    head = read_score_head(output_dir / "reward")
     prompts = [[{"role": "user", "content": "What is 2+2? Answer with a number."}]]
     with active_adapter(model, POLICY):
         full = sample(model, tokenizer, prompts, max_new_tokens=40)

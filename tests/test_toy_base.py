@@ -1,10 +1,11 @@
 """The embedded toy base ships with the package (issue 16): `toy` loads at once, builds nothing, and is
-the pre-trained model the docs describe; a damaged copy is refused with the command that fixes it."""
+the pre-trained model the docs describe; a damaged or missing copy is refused with the command that fixes it."""
 
 from __future__ import annotations
 
 import shutil
 
+import build_toy_base as builder
 import pytest
 
 from alignment.io import read_json
@@ -27,8 +28,8 @@ def test_toy_resolves_to_the_shipped_weights_their_hash_recorded_and_nothing_is_
     folder = resolve_model_path(ModelConfig(name_or_path="toy"))
     assert folder == str(base.SHIPPED_DIR)
     manifest = read_json(base.SHIPPED_DIR / base.MANIFEST_FILE)
-    assert manifest["version"] == base.TOY_VERSION
-    assert manifest["pretrain_steps"] == base.PRETRAIN_STEPS
+    assert manifest["version"] == builder.TOY_VERSION
+    assert manifest["pretrain_steps"] == builder.PRETRAIN_STEPS
     assert base.weights_sha256(base.SHIPPED_DIR) == manifest["sha256"]
     assert not (tmp_path / "cache").exists()
 
@@ -38,7 +39,7 @@ def test_the_shipped_base_answers_the_bare_form_tasks_in_4bit_as_the_docs_say():
     config = ModelConfig(name_or_path="toy", dtype="float32")
     tokenizer = load_tokenizer(config, "chatml")
     model = load_base_model(config, gradient_checkpointing=False).eval()
-    exact_match = base.exact_match_by_family(model, tokenizer, toy_rows(140, seed=12345))
+    exact_match = builder.exact_match_by_family(model, tokenizer, toy_rows(140, seed=12345))
     print(f"toy base, bare form: {exact_match}")
     assert exact_match["all"] >= 0.95
     assert min(exact_match.values()) >= 0.85
@@ -53,15 +54,18 @@ def test_a_damaged_shipped_copy_is_refused_with_how_to_restore_it(tmp_path, monk
         resolve_model_path(ModelConfig(name_or_path="toy"))
 
 
-def test_without_shipped_weights_the_base_is_built_once_into_the_cache_with_its_manifest(tmp_path, monkeypatch):
+def test_missing_shipped_weights_are_refused_with_how_to_restore_them(tmp_path, monkeypatch):
     monkeypatch.setattr(base, "SHIPPED_DIR", tmp_path / "not-shipped")
-    monkeypatch.setattr(base, "PRETRAIN_STEPS", 2)
-    monkeypatch.setenv("ALIGNMENT_CACHE", str(tmp_path / "cache"))
-    folder = resolve_model_path(ModelConfig(name_or_path="toy"))
-    assert folder == str(tmp_path / "cache" / f"toy-base-{base.TOY_VERSION}")
-    manifest = read_json(tmp_path / "cache" / f"toy-base-{base.TOY_VERSION}" / base.MANIFEST_FILE)
-    assert manifest["pretrain_steps"] == 2 and manifest["seed"] == 0
-    assert manifest["sha256"] == base.weights_sha256(tmp_path / "cache" / f"toy-base-{base.TOY_VERSION}")
+    with pytest.raises(FileNotFoundError, match=r"missing from .*not-shipped.*scripts/build_toy_base.py"):
+        resolve_model_path(ModelConfig(name_or_path="toy"))
+
+
+def test_the_builder_writes_a_base_with_its_manifest_and_hash(tmp_path, monkeypatch):
+    monkeypatch.setattr(builder, "PRETRAIN_STEPS", 2)
+    folder = builder.build_toy_base(tmp_path / "built")
+    manifest = read_json(folder / base.MANIFEST_FILE)
+    assert manifest["pretrain_steps"] == 2 and manifest["seed"] == 0 and manifest["version"] == builder.TOY_VERSION
+    assert manifest["sha256"] == base.weights_sha256(folder)
 
 
 def test_the_toy_chat_template_spends_one_token_per_role_and_ends_turns_as_chatml_does():
@@ -69,8 +73,8 @@ def test_the_toy_chat_template_spends_one_token_per_role_and_ends_turns_as_chatm
     turn and `<|im_end|>` after it, 4 tokens of scaffolding for a question and its answer where ChatML
     spells 21 byte by byte. The shipped tokenizer is the one the code builds."""
     tokenizer = load_tokenizer(ModelConfig(name_or_path="toy"), "tokenizer")
-    assert tokenizer.get_vocab() == base.build_toy_tokenizer().get_vocab()
-    assert tokenizer.chat_template == base.TOY_CHAT_TEMPLATE
+    assert tokenizer.get_vocab() == builder.build_toy_tokenizer().get_vocab()
+    assert tokenizer.chat_template == builder.TOY_CHAT_TEMPLATE
     conversation = [{"role": "user", "content": "Reverse abc."}, {"role": "assistant", "content": "cba"}]
     rendered = tokenizer.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
     content = len("Reverse abc.") + len("cba")

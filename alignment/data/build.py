@@ -166,6 +166,8 @@ def build_stage_data(
             rows, columns = load_raw(spec, seed)
             fmt = _resolve_format(spec, columns)
             converter = _Converter(spec, fmt, kind, data, seed, tokenizer, max_length)
+            # By hand, not `datasets.train_test_split`: rows stay plain until checked (so a bad row is named by
+            # its index), and the split is seeded by the file's name, the same on every machine and mixture.
             indices = list(range(len(rows)))
             rng = random.Random(f"{seed}:{spec.shuffle_key}")
             if role == "train":

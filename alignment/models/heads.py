@@ -2,20 +2,15 @@
 
 PPO puts every role on one loaded causal LM as named PEFT adapters. The reward role is that base
 with the reward adapter active, plus a scalar head on the final hidden states (after the last norm),
-read at the last real token; the value role reads the same kind of head at every token. The token
-is found from the attention mask and positions are counted from it, so a sequence scores the same
-with left or right padding and in any batch.
+read at the last real token (`alignment.models.scoring`); the value role reads the same kind of head
+at every token. Positions are counted from the attention mask, so left padding shifts nothing.
 
 Two kinds of head (`ScoreHeadConfig`): `linear`, the usual reward-model head (InstructGPT, TRL), a
-linear read-out of each token's own hidden state; and `attention`, one causal attention layer whose
-values are scalars, so a token's score can gather evidence from every earlier token. The second
-exists because a small base does not carry per-token evidence (a wrong letter in the middle of an
-answer) to the last token in a few epochs; docs/benchmarks.md has the measurements.
-
-The reward stage trains through a sequence-classification model whose `score` layer is the same
-read-out on the same decoder stack; its adapter and `score` weights are saved beside each other
-(`adapter_model.safetensors`, `score_head.safetensors`) and `load_reward_role` puts them back onto
-an already-loaded base, so no second copy of the base is ever made.
+linear read-out of each token's own hidden state, which plain `transformers` loads as a classifier's
+`score`; and `attention`, one causal attention layer whose values are scalars, so a token's score can
+gather evidence from every earlier token. The second exists because a small base does not carry
+per-token evidence (a wrong letter in the middle of an answer) to the last token in a few epochs
+(docs/benchmarks.md); it is this suite's own module, so only this suite loads it.
 """
 
 from __future__ import annotations
@@ -30,12 +25,11 @@ from typing import Literal
 
 import torch
 from peft import PeftModel
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from alignment.names import REWARD, REWARD_STATS_FILE, SCORE_HEAD_FILE
+from alignment.names import REWARD_STATS_FILE, SCORE_HEAD_FILE
 from alignment.recipes.validate import RecipeError
 
 
@@ -65,9 +59,6 @@ class ScalarHead(nn.Linear):
     @property
     def hidden_size(self) -> int:
         return self.in_features
-
-    def options(self) -> dict[str, int]:
-        return {}
 
     def token_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, length, hidden) → (batch, length); the mask is not needed: each token reads only itself."""
@@ -107,20 +98,27 @@ class AttentionScalarHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, dtype=dtype)) if bias else None
         nn.init.kaiming_uniform_(self.key_weight, a=math.sqrt(5))
         nn.init.normal_(self.value_weight, std=hidden_size**-0.5)
+        self._classifier_mask: torch.Tensor | None = None
+
+    def pool_last_token_in(self, decoder: nn.Module) -> None:
+        """As a classifier's `score`, compute only the query the classifier pools: the classifier calls
+        `score(hidden)` without the mask, so a forward pre-hook on its decoder hands the head the mask of
+        the call (the all-token scores cost 1.7 times as much and change nothing the classifier reads)."""
+
+        def keep_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._classifier_mask = kwargs.get("attention_mask")
+
+        decoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
     def _plus_bias(self, scores: torch.Tensor) -> torch.Tensor:
         return scores if self.bias is None else scores + self.bias
 
-    def options(self) -> dict[str, int]:
-        return {"heads": self.heads, "head_dim": self.head_dim}
-
-    def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, last_only: bool = False
-    ) -> torch.Tensor:
-        """(batch, length, hidden) → (batch, length, 1) like a classification model's `score`, or with
-        `last_only` (batch,): the reward model's forward (see `alignment.stages.reward`) asks for that."""
-        if last_only:
-            return self.last_token_scores(hidden, attention_mask)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, length, hidden) → (batch, length, 1), as a classification model's `score` is called; with
+        the classifier's mask (`pool_last_token_in`), every position holds the last real token's score."""
+        if attention_mask is None and self._classifier_mask is not None:
+            last = self.last_token_scores(hidden, self._classifier_mask)
+            return last[:, None, None].expand(-1, hidden.shape[1], 1)
         return self.token_scores(hidden, attention_mask).unsqueeze(-1)
 
     def _keys_and_values(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,10 +170,10 @@ def affine_head(head: nn.Module, scale: float, shift: float) -> nn.Module:
     rewards, (score - mean) / std: started in raw units, a constant offset in V would bias every advantage.
     """
     tensors = {name: tensor.detach().float().clone() for name, tensor in head.state_dict().items()}
-    scaled = "weight" if head.kind == "linear" else "value_weight"
+    scaled = "weight" if "weight" in tensors else "value_weight"
     tensors[scaled] = tensors[scaled] * scale
     tensors["bias"] = tensors.get("bias", torch.zeros(1)) * scale + shift
-    return head_from_weights(tensors, head.kind, head.options())
+    return head_from_weights(tensors)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -224,87 +222,29 @@ def active_adapter(model: PreTrainedModel | PeftModel, name: str | None) -> Iter
         use_adapter(model, previous)
 
 
-def sequence_scores(
-    model: PreTrainedModel | PeftModel,
-    head: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    adapter: str | None = None,
-) -> torch.Tensor:
-    """One score per sequence: `head`'s score at the last real token, with `adapter` active."""
-    with active_adapter(model, adapter):
-        hidden = final_hidden_states(model, input_ids, attention_mask)
-    return head.last_token_scores(hidden, attention_mask.to(hidden.device)).float()
-
-
-def encode_conversations(
-    tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]], padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
-    """Chat-template token ids for whole conversations, padded into a batch.
-
-    The ids are those TRL's RewardTrainer trains on (`apply_chat_template` of prompt + response).
-    """
-    sequences = [
-        tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-        for messages in conversations
-    ]
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        span = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
-        input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, span] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-@torch.no_grad()
-def score_conversations(
-    model: PreTrainedModel | PeftModel,
-    head: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[dict]],
-    batch_size: int = 16,
-    adapter: str | None = None,
-) -> list[float]:
-    """Scores of whole conversations (prompt messages + the response), in batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            batch = encode_conversations(tokenizer, conversations[start : start + batch_size])
-            batch = {key: value.to(device) for key, value in batch.items()}
-            scores += sequence_scores(model, head, batch["input_ids"], batch["attention_mask"], adapter).tolist()
-    finally:
-        model.train(was_training)
-    return scores
-
-
 def save_scalar_head(head: nn.Module, directory: str | Path) -> Path:
     """Writes a scalar head as `score_head.safetensors`, its kind and shape in the metadata."""
     if isinstance(head, nn.Linear) and head.out_features != 1:
         raise ValueError(f"a scalar head has one output, this layer has {head.out_features}")
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
     metadata = {"kind": head.kind, "hidden_size": str(head.hidden_size)}
-    metadata |= {key: str(value) for key, value in head.options().items()}
     path = Path(directory) / SCORE_HEAD_FILE
     save_file(tensors, str(path), metadata=metadata)
     return path
 
 
-def head_from_weights(tensors: dict[str, torch.Tensor], kind: str, options: dict[str, int]) -> nn.Module:
-    """A head of `kind` holding `tensors` (a state dict, e.g. a trained `score` module's)."""
-    if kind == "linear":
-        head = ScalarHead(tensors["weight"].shape[-1], bias="bias" in tensors, dtype=tensors["weight"].dtype)
-    elif kind == "attention":
+def head_from_weights(tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The head that holds `tensors` (a state dict, e.g. a trained `score` layer's); its kind and shape
+    are read from the weights' names and shapes."""
+    bias = "bias" in tensors
+    if "weight" in tensors:
+        head = ScalarHead(tensors["weight"].shape[-1], bias=bias, dtype=tensors["weight"].dtype)
+    elif "value_weight" in tensors:
         value = tensors["value_weight"]
-        head = AttentionScalarHead(
-            value.shape[-1], options["heads"], options["head_dim"], dtype=value.dtype, bias="bias" in tensors
-        )
+        heads, head_dim = value.shape[0], tensors["query_weight"].shape[0] // value.shape[0]
+        head = AttentionScalarHead(value.shape[-1], heads, head_dim, dtype=value.dtype, bias=bias)
     else:
-        raise ValueError(f"unknown score head kind {kind!r}; known: 'linear', 'attention'")
+        raise ValueError(f"not the weights of a score head: {sorted(tensors)}")
     head.load_state_dict(tensors)
     return head
 
@@ -312,11 +252,8 @@ def head_from_weights(tensors: dict[str, torch.Tensor], kind: str, options: dict
 def load_scalar_head(directory: str | Path, device: torch.device | str | None = None) -> nn.Module:
     path = Path(directory) / SCORE_HEAD_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{directory} holds no {SCORE_HEAD_FILE}; point at a reward stage's output folder")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    options = {key: int(metadata[key]) for key in ("heads", "head_dim") if key in metadata}
-    head = head_from_weights(load_file(str(path)), metadata.get("kind", "linear"), options)
+        raise FileNotFoundError(f"{directory} holds no {SCORE_HEAD_FILE}")
+    head = head_from_weights(load_file(str(path)))
     return head.to(device) if device is not None else head
 
 
@@ -326,40 +263,3 @@ def read_reward_stats(stage_dir: str | Path) -> dict[str, float]:
     if not path.exists():
         raise FileNotFoundError(f"{stage_dir} holds no {REWARD_STATS_FILE}; point at a reward stage's output folder")
     return json.loads(path.read_text())
-
-
-def load_reward_role(
-    model: PreTrainedModel | PeftModel, stage_dir: str | Path, adapter_name: str = REWARD
-) -> tuple[PeftModel, nn.Module]:
-    """Puts a reward stage's adapter onto an already-loaded base as frozen adapter `adapter_name`.
-
-    Returns the PeftModel (every adapter on the one base) and the frozen head; score with
-    `sequence_scores(model, head, ids, mask, adapter=adapter_name)`.
-    """
-    from alignment.models.loading import attach_adapter
-
-    head = load_scalar_head(stage_dir)
-    hidden_size = model.config.get_text_config().hidden_size
-    if head.hidden_size != hidden_size:
-        raise ValueError(
-            f"{stage_dir}: the score head reads hidden size {head.hidden_size}, but this base has {hidden_size}; "
-            "a reward model only loads onto the base it was trained on"
-        )
-    model = attach_adapter(model, adapter_name, from_path=stage_dir, trainable=False)
-    head = head.to(model.get_input_embeddings().weight.device).requires_grad_(False)
-    return model, head
-
-
-def load_trained_reward_model(
-    stage_dir: str | Path, adapter_name: str = REWARD
-) -> tuple[PeftModel, nn.Module, PreTrainedTokenizerBase]:
-    """A reward stage's model on its own base, with its saved tokenizer, ready to score conversations."""
-    from transformers import AutoTokenizer
-
-    from alignment.models.loading import load_base_model, load_stage_recipe
-
-    recipe = load_stage_recipe(stage_dir)
-    load_scalar_head(stage_dir)  # a reward stage's folder? (checked before the base loads)
-    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))
-    model, head = load_reward_role(load_base_model(recipe.model), stage_dir, adapter_name)
-    return model, head, tokenizer

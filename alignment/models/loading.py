@@ -22,6 +22,7 @@ from transformers import (
 
 from alignment.models.chat_templates import apply_chat_template_choice
 from alignment.models.precision import compute_dtype, torch_dtype
+from alignment.models.scoring import SCORE_MODULE, attach_lora_of_classifier
 from alignment.names import RESOLVED_RECIPE, SAVED_ADAPTER
 from alignment.plugins import model_folder
 from alignment.recipes.schema import LoraSettings, ModelConfig
@@ -170,7 +171,9 @@ def attach_adapter(
     weights; PEFT's `set_adapter` would flip them back on, so callers switch roles with
     `use_adapter` below, which leaves requires_grad alone.
     """
-    if from_path is not None:
+    if from_path is not None and is_classifier_adapter_onto_causal_lm(model, from_path):
+        model = attach_lora_of_classifier(model, name, from_path, trainable)  # a reward model's LoRA, on a causal LM
+    elif from_path is not None:
         if isinstance(model, PeftModel):
             model.load_adapter(str(from_path), adapter_name=name, is_trainable=trainable)
         else:
@@ -186,6 +189,12 @@ def attach_adapter(
         if f".{name}." in parameter_name:
             parameter.requires_grad_(trainable)
     return model
+
+
+def is_classifier_adapter_onto_causal_lm(model: PreTrainedModel | PeftModel, stage_dir: str | Path) -> bool:
+    """Whether a saved adapter was trained on a sequence-classifier (a reward stage's) and `model` is none."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return LoraConfig.from_pretrained(str(stage_dir)).task_type == "SEQ_CLS" and not hasattr(base, SCORE_MODULE)
 
 
 def use_adapter(model: PeftModel, name: str) -> None:

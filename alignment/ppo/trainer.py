@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,16 +35,10 @@ from transformers import get_scheduler
 
 from alignment.evaluation.checkers import resolve_checker
 from alignment.io import read_json, write_json
-from alignment.models.heads import (
-    active_adapter,
-    decoder_stack,
-    final_hidden_states,
-    last_token_index,
-    positions_from_mask,
-    sequence_scores,
-)
-from alignment.models.sampling import Responses, sample, turn_suffix_ids
-from alignment.names import POLICY, REFERENCE, REWARD, VALUE
+from alignment.models.heads import active_adapter, decoder_stack, positions_from_mask
+from alignment.models.sampling import Responses, sample
+from alignment.models.scoring import RewardSource
+from alignment.names import POLICY, REFERENCE, VALUE
 from alignment.ppo import core
 from alignment.ppo.config import PPOConfig
 from alignment.tracking import Tracker
@@ -52,10 +46,6 @@ from alignment.tracking import Tracker
 CHECKPOINT = "ppo_checkpoint"  # accelerate's save_state folder in the stage's work folder
 TRAINER_STATE = "trainer_state.json"  # in it: counters, history, config, KL controller, PPO-ptx sampler
 TRAINABLE_WEIGHTS = "model.safetensors"  # in it: the trainable weights only (accelerate's name for the model's)
-
-# A reward source maps sampled responses to one score each: the reward role, a separate reward model or a
-# Python function. It gets the token ids too, so a reward model scores exactly what was sampled.
-RewardSource = Callable[[Responses], torch.Tensor]
 
 
 @dataclass
@@ -87,77 +77,6 @@ class Rollout:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
-
-
-def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def adapter_reward(model: PeftModel, head: torch.nn.Module, tokenizer: Any, batch_size: int = 16) -> RewardSource:
-    """The reward role: the reward adapter and its head score the sampled token ids themselves.
-
-    A finished response gets the template's text after the end-of-turn token (ChatML's newline), so it
-    is read at the token the reward stage trained at; a response cut at the length limit is scored as
-    it is, visibly unfinished, and any special token the policy emitted stays in view.
-    """
-    suffix = turn_suffix_ids(tokenizer)
-
-    @torch.no_grad()
-    def score(responses: Responses) -> torch.Tensor:
-        sequences = [responses.sampled_ids(row, suffix) for row in range(len(responses))]
-        device = model.get_input_embeddings().weight.device
-        scores = []
-        for chunk in _batches(sequences, batch_size):
-            batch = tokenizer.pad({"input_ids": list(chunk)}, padding=True, return_tensors="pt").to(device)
-            scores.append(sequence_scores(model, head, batch["input_ids"], batch["attention_mask"], adapter=REWARD))
-        return torch.cat(scores)
-
-    return score
-
-
-def separate_model_reward(model: Any, tokenizer: Any, policy_tokenizer: Any, batch_size: int = 16) -> RewardSource:
-    """A reward model of its own, with its own tokenizer and chat template, read at the last real token
-    (found from the attention mask, not from the pad id), as TRL's RewardTrainer trains one.
-
-    The response is decoded with its special tokens; a finished one is rendered as a closed assistant
-    turn, a cut one after the generation prompt with nothing closing it.
-    """
-
-    def render(responses: Responses, row: int) -> str:
-        ids = responses.response_ids[row][responses.response_mask[row].bool()]
-        if bool(responses.ended[row]):
-            ids = ids[:-1]  # the stop token: the reward model's template closes the turn its own way
-        text = policy_tokenizer.decode(ids, skip_special_tokens=False)
-        prompt = responses.prompts[row]
-        if bool(responses.ended[row]):
-            return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": text}], tokenize=False)
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + text
-
-    @torch.no_grad()
-    def score(responses: Responses) -> torch.Tensor:
-        texts = [render(responses, row) for row in range(len(responses))]
-        device = model.get_input_embeddings().weight.device
-        scores = []
-        for chunk in _batches(texts, batch_size):
-            batch = tokenizer(list(chunk), padding=True, return_tensors="pt", add_special_tokens=False).to(device)
-            hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
-            rows = torch.arange(hidden.shape[0], device=device)
-            last = hidden[rows, last_token_index(batch["attention_mask"])]
-            scores.append(model.score(last.to(model.score.weight.dtype)).squeeze(-1).float())
-        return torch.cat(scores)
-
-    return score
-
-
-def function_reward(function: Callable, references: dict[str, str]) -> RewardSource:
-    """A Python reward `f(prompts, responses, references) -> list[float]`, e.g. a gold-answer check."""
-
-    def score(responses: Responses) -> torch.Tensor:
-        refs = [references.get(prompt[-1]["content"], "") for prompt in responses.prompts]
-        return torch.tensor(function(responses.prompts, responses.texts, refs), dtype=torch.float32)
-
-    return score
 
 
 def trim_padding(
@@ -619,12 +538,8 @@ class PPOTrainer:
         if not (path / TRAINER_STATE).exists():
             return False
         state = read_json(path / TRAINER_STATE)
-        saved_config = json_round_trip(dataclasses.asdict(self.config))
-        changed = {
-            key: (value, saved_config.get(key))
-            for key, value in state["config"].items()
-            if value != saved_config.get(key)
-        }
+        now = json.loads(json.dumps(dataclasses.asdict(self.config), default=str))  # as JSON reads it back
+        changed = {key: (then, now.get(key)) for key, then in state["config"].items() if then != now.get(key)}
         if changed:
             differences = ", ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changed.items())
             raise RuntimeError(
@@ -643,8 +558,3 @@ class PPOTrainer:
         self.iteration, self.episode, self.history = state["iteration"], state["episode"], state["history"]
         print(f"ppo: resumed from {path} at iteration {self.iteration}/{self.num_iterations}")
         return True
-
-
-def json_round_trip(data: Any) -> Any:
-    """`data` as it reads back from JSON (tuples become lists), to compare with what a checkpoint holds."""
-    return json.loads(json.dumps(data, default=str))

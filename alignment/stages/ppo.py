@@ -21,29 +21,20 @@ from transformers import AutoModelForSequenceClassification
 from alignment.data.build import EVAL, TRAIN, build_stage_data
 from alignment.evaluation.generation import SAMPLE_COLUMNS, generate_responses, score_answers
 from alignment.io import read_json, write_json, write_jsonl
-from alignment.models.heads import (
-    ScalarHead,
-    affine_head,
-    load_reward_role,
-    load_scalar_head,
-    read_reward_stats,
-    save_scalar_head,
-)
-from alignment.models.loading import (
-    attach_adapter,
-    load_base_model,
-    load_tokenizer,
-    use_adapter,
-)
+from alignment.models.batching import IGNORE_INDEX, pad_with_labels
+from alignment.models.heads import ScalarHead, affine_head, read_reward_stats, save_scalar_head
+from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer, use_adapter
 from alignment.models.precision import compute_dtype
-from alignment.names import LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE
-from alignment.ppo.config import PPOConfig
-from alignment.ppo.trainer import (
-    PPOTrainer,
+from alignment.models.scoring import (
     adapter_reward,
     function_reward,
+    load_reward_role,
+    read_score_head,
     separate_model_reward,
 )
+from alignment.names import LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE
+from alignment.ppo.config import PPOConfig
+from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.schema import DataSpec, GenerationEvalConfig, ModelConfig, StageSpec
 from alignment.recipes.validate import RecipeError, build, check_args
 from alignment.stages.base import Stage, register
@@ -132,11 +123,8 @@ class PtxSampler:
                 row["prompt"] + row["completion"], tokenize=True, return_dict=True
             )["input_ids"]
             sequences.append(full)
-            labels.append([-100] * len(prompt) + full[len(prompt) :])
-        batch = self.tokenizer.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
-        width = batch["input_ids"].shape[1]
-        batch["labels"] = torch.tensor([target + [-100] * (width - len(target)) for target in labels])
-        return dict(batch)
+            labels.append([IGNORE_INDEX] * len(prompt) + full[len(prompt) :])
+        return pad_with_labels(self.tokenizer, sequences, labels)
 
     def state_dict(self) -> dict[str, int]:
         return {"draws": self.draws}
@@ -215,7 +203,7 @@ class PPOStage(Stage):
             reward = function_reward(import_function(spec.reward_function), references)
         if spec.value_from == "reward":
             model = attach_adapter(model, VALUE, from_path=reward_dir, trainable=True)
-            value_head = load_scalar_head(reward_dir)
+            value_head = read_score_head(reward_dir)
             if PPOConfig(**spec.args).normalize_reward:  # V predicts returns in the normalised rewards' units
                 value_head = affine_head(
                     value_head, 1 / reward_stats["std"], -reward_stats["mean"] / reward_stats["std"]

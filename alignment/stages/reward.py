@@ -5,10 +5,10 @@ RewardConfig's optional `center_rewards_coefficient` term). `init_from` starts f
 stage's adapter (InstructGPT starts the reward model from the SFT model); without it, from the base.
 
 Training runs on the sequence-classification form of the base (same decoder stack, same adapter
-paths, a `score` layer read at the last token: linear, or the attention head that `score_head`
-asks for, see `alignment.models.heads`). The output is a causal-LM adapter plus
-`score_head.safetensors`, which `alignment.models.heads.load_reward_role` puts onto the one base
-that PPO shares between its roles. After training: pairwise accuracy, margin and the reward
+paths, a `score` layer: linear, or the attention head that `score_head` asks for, see
+`alignment.models.heads`). The output is that PEFT adapter as PEFT saves it, the `score` layer
+included, which plain `transformers` + `peft` load and `alignment.models.scoring.load_reward_role`
+puts onto the one base that PPO shares. After training: pairwise accuracy, margin and the reward
 distributions on the held-out pairs, and the reward mean and standard deviation over the training
 prompts (`reward_stats.json`), which PPO uses to normalise rewards.
 """
@@ -16,7 +16,6 @@ prompts (`reward_stats.json`), which PPO uses to normalise rewards.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import random
@@ -26,39 +25,20 @@ from typing import Any
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from peft import (
-    LoraConfig,
-    PeftModel,
-    get_peft_model,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
-)
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase, set_seed
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
 from alignment.data.policy_pairs import PolicySamplesConfig, sample_policy_pairs
 from alignment.io import write_json, write_jsonl
-from alignment.models.heads import (
-    ScoreHeadConfig,
-    build_score_head,
-    encode_conversations,
-    final_hidden_states,
-    head_from_weights,
-    read_reward_stats,
-    save_scalar_head,
-)
-from alignment.models.loading import (
-    attach_adapter,
-    load_base_model,
-    load_tokenizer,
-    lora_config,
-)
-from alignment.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOG_HISTORY, POLICY, REWARD_STATS_FILE, SCORE_HEAD_FILE
+from alignment.models.heads import ScoreHeadConfig, build_score_head, decoder_stack, read_reward_stats
+from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer, lora_config
+from alignment.models.scoring import SCORE_MODULE, score_conversations, trained_score_head
+from alignment.names import ADAPTER_WEIGHTS, LOG_HISTORY, POLICY, REWARD_STATS_FILE
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.stages.base import Stage, register
 from alignment.stages.common import keep_float32_master_weights, last_checkpoint, trainer_columns
@@ -69,7 +49,6 @@ logger = logging.getLogger(__name__)
 PAIR_FIELDS = ["prompt", "chosen", "rejected", "margin"]
 PAIR_REWARDS_FILE = "pair_rewards.json"  # held-out pairs' rewards by split, in the split's order
 POLICY_PAIRS_FILE = "policy_pairs.jsonl"  # the pairs made from the policy's samples, for inspection
-SCORE_MODULE = "score"  # the classification head of AutoModelForSequenceClassification
 HEAD_MODULES = ("lm_head", *SEQ_CLS_HEAD_NAMES)  # heads of one model form or the other, never in the adapter
 PAIR_TABLE_COLUMNS = ["prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "correct"]
 
@@ -118,26 +97,7 @@ def load_sequence_classifier(
             )
         head = build_score_head(score_head, linear.in_features, dtype=linear.weight.dtype)
         setattr(model, SCORE_MODULE, head.to(linear.weight.device))
-        score_at_last_token(model)
     return model
-
-
-def score_at_last_token(model: PreTrainedModel) -> None:
-    """Replaces the classifier's forward with the read-out PPO uses: the decoder (positions from the mask),
-    then the `score` head at the last real token only.
-
-    The classifier's own forward scores every token and then picks the last, which for an attention head
-    costs a query per token; and it finds the last token from the pad id rather than the mask.
-    """
-
-    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = final_hidden_states(model, input_ids, attention_mask)
-        rewards = getattr(model, SCORE_MODULE)(hidden, attention_mask, last_only=True)
-        return SequenceClassifierOutputWithPast(logits=rewards.unsqueeze(-1))
-
-    model.forward = forward
 
 
 def reward_lora_config(recipe: Recipe, init_dir: Path | None) -> LoraConfig:
@@ -178,78 +138,26 @@ def check_last_tokens(dataset: Dataset, pad_token_id: int, name: str) -> None:
                 )
 
 
-# --- Saving -------------------------------------------------------------------------------------
-
-
-def save_reward_model(
-    trainer: RewardTrainer, tokenizer: PreTrainedTokenizerBase, output_dir: Path, score_head: ScoreHeadConfig
-) -> None:
-    """Saves the adapter as a causal-LM adapter and the trained `score` layer as `score_head.safetensors`.
-
-    Split that way, the adapter loads as one more named adapter onto the causal-LM base that PPO
-    shares, and the head is a small module beside it.
-    """
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    if not trainer.is_world_process_zero():
-        return
-    weights = load_file(str(output_dir / ADAPTER_WEIGHTS))
-    marker = f".{SCORE_MODULE}."
-    head_keys = {key: value for key, value in weights.items() if marker in key}
-    if not head_keys:
-        raise RuntimeError(f"the saved adapter holds no trained '{SCORE_MODULE}' layer (keys: {list(weights)[:5]})")
-    head_weights = {key.split(marker, 1)[1]: value for key, value in head_keys.items()}
-    options = {"heads": score_head.heads, "head_dim": score_head.head_dim}
-    save_scalar_head(head_from_weights(head_weights, score_head.type, options), output_dir)
-    save_file(
-        {k: v for k, v in weights.items() if k not in head_keys}, str(output_dir / ADAPTER_WEIGHTS), {"format": "pt"}
-    )
-    config_path = output_dir / ADAPTER_CONFIG
-    config = json.loads(config_path.read_text())
-    kept = [name for name in config.get("modules_to_save") or [] if name not in HEAD_MODULES]
-    config.update(task_type="CAUSAL_LM", modules_to_save=kept or None)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 # --- Evaluation ---------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def classifier_rewards(
-    model: PeftModel, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]], batch_size: int
-) -> list[float]:
-    """Rewards from the trained classifier's own forward pass, on batches laid out as TRL's collator lays them.
-
-    These are the scores "right after training"; PPO's read-out (`alignment.models.heads`) of the
-    saved adapter and head gives the same numbers (tests/test_reward.py checks it).
-    """
-    was_training = model.training
-    model.eval()
-    rewards: list[float] = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            batch = encode_conversations(tokenizer, conversations[start : start + batch_size], padding_side="right")
-            batch = {key: value.to(model.device) for key, value in batch.items()}
-            rewards += model(**batch, use_cache=False).logits.squeeze(-1).float().tolist()
-    finally:
-        model.train(was_training)
-    return rewards
 
 
 def score_pairs(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, pairs: Dataset, batch_size: int
 ) -> tuple[list[float], list[float]]:
     """Rewards of each pair's chosen and of its rejected conversation."""
+    head = trained_score_head(model)
     chosen = [example["prompt"] + example["chosen"] for example in pairs]
     rejected = [example["prompt"] + example["rejected"] for example in pairs]
     return (
-        classifier_rewards(model, tokenizer, chosen, batch_size),
-        classifier_rewards(model, tokenizer, rejected, batch_size),
+        score_conversations(model, head, tokenizer, chosen, batch_size),
+        score_conversations(model, head, tokenizer, rejected, batch_size),
     )
 
 
 def pair_metrics(chosen: list[float], rejected: list[float], groups: list[str], prefix: str) -> dict[str, float]:
-    """Pairwise accuracy with its 95% interval, margin, loss and mean rewards; accuracy also per group (a task family)."""
+    """Pairwise accuracy with its 95% interval, margin, loss and mean rewards; accuracy also per group (a task
+    family). From the per-pair rewards, which PPO's statistics and the report need anyway: RewardTrainer's
+    own evaluation gives batch means of accuracy and margin only."""
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     accuracy = sum(margin > 0 for margin in margins) / len(margins)
     metrics = {
@@ -318,6 +226,8 @@ class RewardStage(Stage):
         set_seed(args.seed)  # the score layer starts from random weights
         model = load_sequence_classifier(recipe, args.gradient_checkpointing, spec.score_head)
         model = get_peft_model(model, reward_lora_config(recipe, init))
+        if hasattr(head := trained_score_head(model), "pool_last_token_in"):  # PEFT's trained copy of the head
+            head.pool_last_token_in(decoder_stack(model))
 
         trainer = RewardTrainer(
             model=model,
@@ -334,7 +244,8 @@ class RewardStage(Stage):
         metrics = {"train/loss": result.training_loss, "train/runtime_s": result.metrics["train_runtime"]}
         metrics |= data.metrics() | sampled_metrics
 
-        save_reward_model(trainer, tokenizer, output_dir, spec.score_head)
+        trainer.save_model(str(output_dir))  # the PEFT sequence-classification adapter, `score` included
+        tokenizer.save_pretrained(str(output_dir))
         write_json(output_dir / LOG_HISTORY, trainer.state.log_history)
 
         batch_size, pair_rewards = spec.evaluation.batch_size, {}
@@ -397,7 +308,6 @@ def sample_rows(split: Dataset, count: int, seed: int) -> Dataset:
 __all__ = [
     "PAIR_REWARDS_FILE",
     "REWARD_STATS_FILE",
-    "SCORE_HEAD_FILE",
     "RewardEvalConfig",
     "RewardStage",
     "RewardStageSpec",

@@ -20,7 +20,7 @@ from alignment.data.formats import (
     with_system,
 )
 from alignment.plugins import DataSource, register_model, register_source
-from alignment.toy.base import TOY_MODEL_NAME, ensure_toy_base
+from alignment.toy.base import TOY_MODEL_NAME, shipped_toy_base
 from alignment.toy.tasks import FAMILIES, toy_rows, wrong_answer
 
 
@@ -37,15 +37,11 @@ def _rows(options: ToyOptions, seed: int) -> list[dict]:
     return toy_rows(options.rows, options.seed if options.seed is not None else seed, options.families)
 
 
-def _fields(row: dict) -> tuple[str, str]:
+def _prompt(row: dict, ctx: RowContext) -> tuple[list[dict], str, str]:
     family = require_text(row, "family")
     if family not in FAMILIES:
         raise RowError("family", f"unknown toy task family {family!r}; valid: {sorted(FAMILIES)}")
-    return family, require_text(row, "input")
-
-
-def _prompt(row: dict, ctx: RowContext) -> tuple[list[dict], str, str]:
-    family, x = _fields(row)
+    x = require_text(row, "input")
     template = ctx.template if ctx.template is not None else FAMILIES[family].templates[0]
     return with_system(user(template.format(x=x)), ctx.system), FAMILIES[family].solve(x), family
 
@@ -65,10 +61,6 @@ def _preference(row: dict, ctx: RowContext) -> dict:
     return preference_example(prompt, answer, wrong_answer(family, row["input"], ctx.seed), group=family)
 
 
-def _family_templates(row: dict) -> tuple[str, ...] | None:
-    return FAMILIES[row["family"]].templates if row.get("family") in FAMILIES else None
-
-
 register_format(
     Format(
         "toy",
@@ -76,8 +68,8 @@ register_format(
         {"sft": _sft, "prompt": _prompt_only, "preference": _preference},
         uses_templates=True,
         default_checker="exact",
-        row_templates=_family_templates,
+        row_templates=lambda row: FAMILIES[row["family"]].templates if row.get("family") in FAMILIES else None,
     )
 )
 register_source(DataSource("toy", ToyOptions, _rows, format="toy"))
-register_model(TOY_MODEL_NAME, ensure_toy_base)
+register_model(TOY_MODEL_NAME, shipped_toy_base)
