@@ -1,4 +1,4 @@
-"""The `alignment` command: run, validate, generate, score."""
+"""The `alignment` command: run, validate, generate, score, compare, export."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import yaml
 
 from alignment.data.loading import DataError
+from alignment.export import ExportError
 from alignment.names import REWARD
 from alignment.recipes.schema import SamplingConfig
 from alignment.recipes.validate import RecipeError
@@ -73,6 +74,27 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from alignment.compare import compare_runs
+    from alignment.io import write_text
+
+    table = compare_runs(args.run_dirs)
+    print(table, end="")
+    if args.markdown:
+        write_text(args.markdown, table)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from alignment.export import export_stage
+
+    folder = export_stage(args.stage_dir, args.out_dir, dtype=args.dtype, push_to_hub=args.push_to_hub)
+    print(
+        f"exported {args.stage_dir} to {folder}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else "")
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignment", description="SFT → reward model → PPO/DPO on one 4-bit base.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--normalize", action="store_true", help="subtract the training-prompt mean and divide by the std"
     )
     score.set_defaults(func=cmd_score)
+
+    compare = commands.add_parser(
+        "compare", help="key metrics of several runs stage by stage, and the recipe keys that differ"
+    )
+    compare.add_argument("run_dirs", nargs="+", help="run folders (a recipe's output_dir)")
+    compare.add_argument("--markdown", metavar="FILE", help="also write the comparison to FILE")
+    compare.set_defaults(func=cmd_compare)
+
+    export = commands.add_parser("export", help="a policy or reward stage as a plain Hugging Face model (LoRA merged)")
+    export.add_argument("stage_dir", help="a stage output folder, RUN_DIR/STAGE")
+    export.add_argument("out_dir", help="the model folder to write")
+    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    export.add_argument("--push-to-hub", metavar="REPO", help="also upload it (needs `huggingface-cli login`)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -120,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, DataError, StageInputError, FileNotFoundError) as error:
+    except (RecipeError, DataError, StageInputError, FileNotFoundError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

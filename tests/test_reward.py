@@ -388,3 +388,36 @@ def test_added_pairs_join_the_split_with_its_columns_and_none_leave_it_unchanged
     joined = add_pairs(split, sampled, 0)
     assert sorted(joined.column_names) == sorted(split.column_names)
     assert sorted((row["rejected"][0]["content"], row["margin"]) for row in joined) == [("3", 1.5), ("4", 0.0)]
+
+
+def test_an_exported_reward_stage_is_a_plain_sequence_classifier_with_the_suites_rewards(
+    stories_run, held_out_pairs, tmp_path, capsys
+):
+    """`alignment export` of a reward stage: a one-label classifier that plain transformers loads, whose
+    rewards equal the suite's scoring of the same unquantized base (1e-4); the attention head is refused."""
+    recipe, output_dir, _ = stories_run
+    stage, out = output_dir / "reward", tmp_path / "exported"
+    if recipe.stage("reward").score_head.type != "linear":
+        assert cli.main(["export", str(stage), str(out)]) == 2
+        assert "linear score head" in capsys.readouterr().err and not out.exists()
+        return
+    assert cli.main(["export", str(stage), str(out), "--dtype", "float32"]) == 0
+    from transformers import AutoModelForSequenceClassification
+
+    exported = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    pairs, tokenizer = held_out_pairs
+    conversations = [pair["prompt"] + pair["chosen"] for pair in pairs]
+    plain = []
+    for conversation in conversations:
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            plain.append(exported(**ids).logits.item())
+    recipe.model.quantization.mode = "none"
+    model, head = load_reward_role(load_base_model(recipe.model), stage)
+    assert plain == pytest.approx(
+        score_conversations(model, head, tokenizer, conversations, adapter="reward"), abs=1e-4
+    )
+    trained = json.loads((stage / PAIR_REWARDS_FILE).read_text())[EVAL]["chosen"]  # the 4-bit model's
+    print(
+        f"exported reward vs the 4-bit model: max |Δ| {max(abs(a - b) for a, b in zip(plain, trained, strict=True)):.3f}"
+    )

@@ -6,13 +6,17 @@ Also reads back what the offline W&B run wrote, and what the stage folder holds.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignment import cli
 from alignment.evaluation.generation import generate_answers
-from alignment.models.loading import load_trained_policy
+from alignment.models.loading import attach_adapter, load_base_model, load_stage_recipe, load_trained_policy
 from alignment.recipes.load import validate_recipe
 from alignment.recipes.schema import GenerationEvalConfig
 from alignment.runner import run_recipe
@@ -140,3 +144,48 @@ def test_offline_wandb_run_holds_config_metrics_and_samples(stories_run):
     tables = list((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["prompt", "response", "reference", "correct", "group"] and len(table["data"]) == 4
+
+
+def test_an_exported_sft_stage_loads_with_plain_transformers_and_gives_the_suites_logits(stories_run, tmp_path):
+    """`alignment export`: the LoRA merged into the unquantized base. Plain transformers' logits equal the
+    suite's own loading of the same unquantized base with the adapter (1e-4); against the 4-bit model the
+    stage trained on they differ by the base's NF4 quantization error (relative error below 0.2)."""
+    output_dir, _ = stories_run
+    stage = output_dir / "sft"
+    assert cli.main(["export", str(stage), str(tmp_path / "exported"), "--dtype", "float32"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "exported"))
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(str(stage)).chat_template  # the training template
+    assert tokenizer.eos_token_id in exported.generation_config.eos_token_id
+    assert not any(".lora_" in name for name, _ in exported.named_parameters())  # merged, nothing left to load
+
+    recipe = load_stage_recipe(stage)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write a short story about a cat."}], add_generation_prompt=True,
+        tokenize=True, return_dict=True, return_tensors="pt",
+    )  # fmt: skip
+    logits = {}
+    for mode in ("none", "4bit"):
+        recipe.model.quantization.mode = mode
+        model = attach_adapter(load_base_model(recipe.model), "default", from_path=stage, trainable=False).eval()
+        with torch.no_grad():
+            logits[mode] = model(**ids).logits
+    with torch.no_grad():
+        plain = exported(**ids).logits
+    torch.testing.assert_close(plain, logits["none"], atol=1e-4, rtol=1e-4)
+    relative_error = ((plain - logits["4bit"]).norm() / logits["4bit"].norm()).item()
+    print(f"exported vs the 4-bit model trained on: relative logit error {relative_error:.3f}")
+    # NF4's rounding of stories260k's base: 0.08 measured; the base without the adapter is 0.41 away.
+    assert relative_error < 0.2
+
+
+def test_export_refuses_an_incomplete_stage_with_how_to_finish_it(stories_run, tmp_path, capsys):
+    output_dir, _ = stories_run
+    incomplete = tmp_path / "sft"
+    shutil.copytree(output_dir / "sft", incomplete)
+    manifest = json.loads((incomplete / "manifest.json").read_text())
+    (incomplete / "manifest.json").write_text(json.dumps(manifest | {"status": "failed"}))
+    assert cli.main(["export", str(incomplete), str(tmp_path / "out")]) == 2
+    assert "did not complete" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "not a stage output folder" in capsys.readouterr().err

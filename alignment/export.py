@@ -1,0 +1,90 @@
+"""`alignment export STAGE_DIR OUT_DIR`: a trained stage as a plain Hugging Face model, which `transformers`
+and serving engines load as any hub model, without this package.
+
+A policy stage (SFT, PPO, DPO) becomes a causal LM: its LoRA merged into the unquantized base weights
+(bfloat16 by default), the tokenizer with the chat template it was trained with, and a generation
+config whose stop tokens are every token that ended a turn in training. A reward stage becomes a
+one-label sequence classifier the same way, with the pad token set so it scores batches. The base is
+loaded unquantized: a QLoRA adapter merged into it scores as the 4-bit model did up to the base's
+quantization error (docs/benchmarks.md has the size of it on stories260k).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from alignment.io import atomic_directory, read_json, write_json
+from alignment.models.loading import load_stage_recipe, resolve_model_path
+from alignment.models.precision import torch_dtype
+from alignment.models.sampling import stop_token_ids
+from alignment.models.scoring import split_reward_adapter
+from alignment.names import ADAPTER_CONFIG, MANIFEST
+
+POLICY_STAGES = ("sft", "ppo", "dpo")
+EXPORT_FILE = "alignment_export.json"  # in the exported folder: which stage it came from, and how
+
+
+class ExportError(ValueError):
+    """A stage folder that cannot be exported: what is wrong, and how to fix it."""
+
+
+def _check_stage(stage_dir: Path) -> dict:
+    if not (stage_dir / MANIFEST).exists():
+        raise ExportError(f"{stage_dir} is not a stage output folder (no {MANIFEST}); point at runs/<run>/<stage>")
+    manifest = read_json(stage_dir / MANIFEST)
+    if manifest.get("status") != "completed" or not (stage_dir / ADAPTER_CONFIG).exists():
+        raise ExportError(
+            f"{stage_dir}: the {manifest.get('type')} stage did not complete (status {manifest.get('status')!r}); "
+            "run its recipe to the end (`alignment run RECIPE`) and export again"
+        )
+    if manifest["type"] not in (*POLICY_STAGES, "reward"):
+        raise ExportError(f"{stage_dir}: a {manifest['type']!r} stage has no model to export")
+    return manifest
+
+
+def _merged(stage_dir: Path, kind: str, dtype: torch.dtype) -> PreTrainedModel:
+    recipe = load_stage_recipe(stage_dir)
+    source = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code, "dtype": dtype}
+    if kind == "reward":
+        if (
+            LoraConfig.from_pretrained(str(stage_dir)).task_type != "SEQ_CLS"
+            or "weight" not in (split_reward_adapter(stage_dir)[1])
+        ):
+            raise ExportError(
+                f"{stage_dir}: only a reward stage with the linear score head exports as a sequence classifier "
+                "(the attention head is this suite's own module); train it with score_head.type: linear"
+            )
+        base = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(recipe.model), num_labels=1, **source
+        )
+    else:
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(recipe.model), **source)
+    return PeftModel.from_pretrained(base, str(stage_dir)).merge_and_unload()
+
+
+def export_stage(
+    stage_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", push_to_hub: str | None = None
+) -> Path:
+    """Writes the stage as a Hugging Face model folder (atomically) and optionally pushes it to the hub."""
+    stage_dir, out_dir = Path(stage_dir), Path(out_dir)
+    manifest = _check_stage(stage_dir)
+    model = _merged(stage_dir, "reward" if manifest["type"] == "reward" else "policy", torch_dtype(dtype))
+    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))  # with the chat template used in training
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if manifest["type"] in POLICY_STAGES:
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer, model)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(
+            Path(tmp) / EXPORT_FILE, {"stage": str(stage_dir.resolve()), "type": manifest["type"], "dtype": dtype}
+        )
+    if push_to_hub:
+        model.push_to_hub(push_to_hub)
+        tokenizer.push_to_hub(push_to_hub)
+    return out_dir
