@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +106,43 @@ class Tracker:
             return {"mode": self.mode}
         return {"mode": self.mode, "id": self.run.id, "dir": str(Path(self.run.dir).parent), "url": self.run.url}
 
+    def log_stage(self, stage_dir: Path, name: str, kind: str) -> None:
+        """The stage's output folder as an artifact of its run, for W&B's lineage graph."""
+        if self.run is not None:
+            self.run.log_artifact(stage_artifact(stage_dir, name, kind))
+
+    def use_stages(self, inputs: dict[str, tuple[Path, str, str]]) -> None:
+        """Declares the earlier stages' outputs this stage reads ({stage: (folder, artifact name, type)}):
+        online as used artifacts (the lineage edges); in the config always, with each artifact's digest,
+        because wandb refuses `use_artifact` in offline mode."""
+        if self.run is None or not inputs:
+            return
+        used = {}
+        for stage, (folder, name, kind) in inputs.items():
+            artifact = stage_artifact(folder, name, kind)
+            used[stage] = {"artifact": name, "type": kind, "digest": artifact.manifest.digest()}
+            if self.mode == "online":
+                self.run.use_artifact(artifact)
+        self.run.config.update({"inputs": used}, allow_val_change=True)
+
     def finish(self, failed: bool = False) -> None:
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
+
+
+def artifact_name(recipe_name: str, stage_name: str) -> str:
+    """A stage's artifact name (W&B allows letters, digits, `-`, `_` and `.`)."""
+    return re.sub(r"[^\w.-]", "-", f"{recipe_name}-{stage_name}")
+
+
+def stage_artifact(stage_dir: Path, name: str, kind: str) -> Any:
+    """A stage folder as a W&B artifact; the same folder always gives the same digest."""
+    import wandb
+
+    artifact = wandb.Artifact(name, type=kind)
+    artifact.add_dir(str(stage_dir))
+    return artifact
 
 
 def _records(path: Path) -> list[bytes]:
@@ -142,7 +176,7 @@ def _records(path: Path) -> list[bytes]:
 
 
 def read_offline_run(run_folder: str | Path) -> dict[str, Any]:
-    """What an offline W&B run recorded: run info, config, history rows and the final summary.
+    """What an offline W&B run recorded: run info, config, history rows, the final summary and the artifacts.
 
     wandb keeps offline runs in a binary `run-<id>.wandb` log; this reads it back (for tests, and for
     comparing offline experiments without a server), using wandb's own protobuf records. By hand because
@@ -154,7 +188,7 @@ def read_offline_run(run_folder: str | Path) -> dict[str, Any]:
 
     folder = Path(run_folder)
     (path,) = folder.glob("run-*.wandb")
-    result: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}}
+    result: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "artifacts": []}
 
     def put(target: dict, item: Any) -> None:
         """Sets a value under its key, or under its nested key path (how a logged table's fields arrive)."""
@@ -184,6 +218,10 @@ def read_offline_run(run_folder: str | Path) -> dict[str, Any]:
             for item in record.history.item:
                 put(row, item)
             result["history"].append(row)
+            continue
+        elif kind == "artifact":
+            artifact = record.artifact
+            result["artifacts"].append({"name": artifact.name, "type": artifact.type, "digest": artifact.digest})
             continue
         elif kind == "summary":
             for item in record.summary.update:

@@ -421,3 +421,22 @@ def test_an_exported_reward_stage_is_a_plain_sequence_classifier_with_the_suites
     print(
         f"exported reward vs the 4-bit model: max |Δ| {max(abs(a - b) for a, b in zip(plain, trained, strict=True)):.3f}"
     )
+
+
+def test_offline_runs_record_each_stage_as_an_artifact_and_the_reward_stage_its_sft_input(stories_run):
+    """W&B lineage: each stage logs its output folder as an artifact; the reward stage declares the SFT
+    stage's artifact as its input, by name and digest (in the config: wandb cannot `use_artifact` offline)."""
+    _, output_dir, _ = stories_run
+    runs = {}
+    for folder in (output_dir / "wandb").glob("offline-run-*"):
+        logged = read_offline_run(folder)
+        runs[logged["run"]["job_type"]] = logged
+    # (W&B logs each logged table as an artifact of its own too: the stage's is the one of the stage's type)
+    (sft_artifact,) = [artifact for artifact in runs["sft"]["artifacts"] if artifact["type"] == "sft"]
+    (reward_artifact,) = [artifact for artifact in runs["reward"]["artifacts"] if artifact["type"] == "reward"]
+    assert sft_artifact["name"] == "stories-reward-sft" and sft_artifact["type"] == "sft"
+    assert reward_artifact["name"] == "stories-reward-reward" and reward_artifact["type"] == "reward"
+    assert runs["reward"]["config"]["inputs"] == {
+        "sft": {"artifact": "stories-reward-sft", "type": "sft", "digest": sft_artifact["digest"]}
+    }
+    assert "inputs" not in runs["sft"]["config"] and runs["sft"]["run"]["group"] == runs["reward"]["run"]["group"]

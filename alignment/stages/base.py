@@ -27,11 +27,11 @@ from typing import Any, ClassVar
 import yaml
 
 from alignment.distributed import process_state
-from alignment.io import atomic_directory, write_json, write_text
+from alignment.io import atomic_directory, read_json, write_json, write_text
 from alignment.names import MANIFEST, METRICS, RESOLVED_RECIPE
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.recipes.validate import check_args
-from alignment.tracking import Tracker
+from alignment.tracking import Tracker, artifact_name
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,10 @@ class Stage:
             **({"error": error} if error else {}),
         }
 
+    def stage_artifact(self, name: str, folder: Path) -> tuple[Path, str, str]:
+        """(folder, artifact name, stage type) of this recipe's stage `name`, for W&B lineage."""
+        return folder, artifact_name(self.recipe.name, name), read_json(folder / MANIFEST)["type"]
+
     def execute(self) -> dict[str, Any]:
         """Runs the stage with tracking; writes the output folder atomically with manifest and metrics.
 
@@ -208,6 +212,9 @@ class Stage:
             if state.is_main_process
             else Tracker.disabled()
         )
+        tracker.use_stages(
+            {name: self.stage_artifact(name, self.input_stage_dir(name)) for name in self.spec.depends_on()}
+        )
         output_folder = atomic_directory(self.stage_dir) if state.is_main_process else tempfile.TemporaryDirectory()
         try:
             with output_folder as output:
@@ -217,6 +224,8 @@ class Stage:
                 write_json(output / METRICS, metrics)
                 write_json(output / MANIFEST, self.manifest("completed", started, time.monotonic() - clock, tracker))
             tracker.summary(metrics)
+            if state.is_main_process:  # the folder is whole on the main process only
+                tracker.log_stage(*self.stage_artifact(self.spec.name, self.stage_dir))
             tracker.finish()
         except BaseException as error:
             message = "".join(traceback.format_exception_only(type(error), error)).strip()
