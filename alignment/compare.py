@@ -10,6 +10,7 @@ import yaml
 
 from alignment.io import read_json
 from alignment.names import MANIFEST, METRICS, RESOLVED_RECIPE
+from alignment.stages.base import read_manifest
 
 # The metrics a reader compares first, in this order, where a stage has them.
 KEY_METRICS = (
@@ -31,9 +32,8 @@ def completed_stages(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Stage name → its manifest, metrics and resolved recipe, for every completed stage of a run, in run order."""
     stages = []
     for manifest_path in Path(run_dir).glob(f"*/{MANIFEST}"):
-        manifest = read_json(manifest_path)
-        if manifest.get("status") == "completed":
-            folder = manifest_path.parent
+        folder, manifest = manifest_path.parent, read_manifest(manifest_path.parent)
+        if manifest and manifest.get("status") == "completed":
             recipe = yaml.safe_load((folder / RESOLVED_RECIPE).read_text())
             stages.append((manifest.get("started_at", ""), folder.name, manifest, read_json(folder / METRICS), recipe))
     if not stages:

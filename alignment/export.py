@@ -17,12 +17,12 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from alignment.io import atomic_directory, read_json, write_json
-from alignment.models.loading import load_stage_recipe, resolve_model_path
+from alignment.io import atomic_directory, write_json
+from alignment.models.loading import load_stage_recipe, resolve_model_path, split_reward_adapter
 from alignment.models.precision import torch_dtype
 from alignment.models.sampling import stop_token_ids
-from alignment.models.scoring import split_reward_adapter
 from alignment.names import ADAPTER_CONFIG, MANIFEST
+from alignment.stages.base import read_manifest
 
 POLICY_STAGES = ("sft", "ppo", "dpo")
 EXPORT_FILE = "alignment_export.json"  # in the exported folder: which stage it came from, and how
@@ -33,9 +33,9 @@ class ExportError(ValueError):
 
 
 def _check_stage(stage_dir: Path) -> dict:
-    if not (stage_dir / MANIFEST).exists():
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
         raise ExportError(f"{stage_dir} is not a stage output folder (no {MANIFEST}); point at runs/<run>/<stage>")
-    manifest = read_json(stage_dir / MANIFEST)
     if manifest.get("status") != "completed" or not (stage_dir / ADAPTER_CONFIG).exists():
         raise ExportError(
             f"{stage_dir}: the {manifest.get('type')} stage did not complete (status {manifest.get('status')!r}); "

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from alignment.models.loading import use_adapter
 from alignment.names import REWARD_STATS_FILE, SCORE_HEAD_FILE
 from alignment.recipes.validate import RecipeError
 
@@ -212,8 +213,6 @@ def active_adapter(model: PreTrainedModel | PeftModel, name: str | None) -> Iter
     if name is None or not isinstance(model, PeftModel) or model.active_adapter == name:
         yield
         return
-    from alignment.models.loading import use_adapter
-
     previous = model.active_adapter
     use_adapter(model, name)
     try:

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -22,12 +23,13 @@ from transformers import (
 
 from alignment.models.chat_templates import apply_chat_template_choice
 from alignment.models.precision import compute_dtype, torch_dtype
-from alignment.models.scoring import SCORE_MODULE, attach_lora_of_classifier
-from alignment.names import RESOLVED_RECIPE, SAVED_ADAPTER
+from alignment.names import ADAPTER_WEIGHTS, RESOLVED_RECIPE, SAVED_ADAPTER
 from alignment.plugins import model_folder
 from alignment.recipes.schema import LoraSettings, ModelConfig
 
 logger = logging.getLogger(__name__)
+
+SCORE_MODULE = "score"  # the classification head of AutoModelForSequenceClassification, saved by PEFT
 
 
 def resolve_model_path(config: ModelConfig) -> str:
@@ -188,6 +190,41 @@ def attach_adapter(
     for parameter_name, parameter in model.named_parameters():
         if f".{name}." in parameter_name:
             parameter.requires_grad_(trainable)
+    return model
+
+
+def split_reward_adapter(stage_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A reward stage's saved adapter as (LoRA weights, `score` weights by their names inside the head)."""
+    marker = f".{SCORE_MODULE}."
+    weights = load_file(str(Path(stage_dir) / ADAPTER_WEIGHTS))
+    head = {key.split(marker, 1)[1]: value for key, value in weights.items() if marker in key}
+    if not head:
+        raise FileNotFoundError(
+            f"{stage_dir}: its adapter holds no '{SCORE_MODULE}' layer; point at a reward stage's output folder"
+        )
+    return {key: value for key, value in weights.items() if marker not in key}, head
+
+
+def attach_lora_of_classifier(
+    model: PreTrainedModel | PeftModel, name: str, stage_dir: str | Path, trainable: bool
+) -> PeftModel:
+    """The LoRA weights of a sequence-classification adapter as adapter `name` of a causal-LM model: the
+    same decoder paths, with the task type and the saved head left out (PEFT would otherwise wrap the
+    causal LM as a classifier)."""
+    lora_weights, _ = split_reward_adapter(stage_dir)
+    config = LoraConfig.from_pretrained(str(stage_dir))
+    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, not trainable
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, config)
+    else:
+        model = get_peft_model(model, config, adapter_name=name)
+    result = set_peft_model_state_dict(model, lora_weights, adapter_name=name)
+    missing = [key for key in result.missing_keys if f".{name}." in key and "lora_" in key]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(
+            f"{stage_dir}: its adapter does not fit this base (missing {missing[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]}); a reward model only loads onto the base it was trained on"
+        )
     return model
 
 

@@ -14,18 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.models.batching import encode_conversations, pad
 from alignment.models.heads import active_adapter, final_hidden_states, head_from_weights, last_token_index
+from alignment.models.loading import (
+    SCORE_MODULE,
+    attach_adapter,
+    load_base_model,
+    load_stage_recipe,
+    split_reward_adapter,
+)
 from alignment.models.sampling import Responses, turn_suffix_ids
-from alignment.names import ADAPTER_WEIGHTS, REWARD
-
-SCORE_MODULE = "score"  # the classification head of AutoModelForSequenceClassification, saved by PEFT
-
+from alignment.names import REWARD
 
 # --- Scoring ----------------------------------------------------------------------------------
 
@@ -51,6 +54,19 @@ def sequence_scores(
     with active_adapter(model, adapter):
         hidden = final_hidden_states(model, input_ids, attention_mask)
     return read_out(head, hidden, attention_mask)
+
+
+def token_scores(
+    model: PreTrainedModel | PeftModel,
+    head: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    adapter: str | None = None,
+) -> torch.Tensor:
+    """Every token's score, (batch, length), with `adapter` active: PPO's value role reads V(s_t) there."""
+    with active_adapter(model, adapter):
+        hidden = final_hidden_states(model, input_ids, attention_mask)
+    return head.token_scores(hidden, attention_mask)
 
 
 @torch.no_grad()
@@ -158,44 +174,9 @@ def trained_score_head(model: PeftModel) -> nn.Module:
     return score.modules_to_save[model.active_adapter] if hasattr(score, "modules_to_save") else score
 
 
-def split_reward_adapter(stage_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A reward stage's saved adapter as (LoRA weights, `score` weights by their names inside the head)."""
-    marker = f".{SCORE_MODULE}."
-    weights = load_file(str(Path(stage_dir) / ADAPTER_WEIGHTS))
-    head = {key.split(marker, 1)[1]: value for key, value in weights.items() if marker in key}
-    if not head:
-        raise FileNotFoundError(
-            f"{stage_dir}: its adapter holds no '{SCORE_MODULE}' layer; point at a reward stage's output folder"
-        )
-    return {key: value for key, value in weights.items() if marker not in key}, head
-
-
 def read_score_head(stage_dir: str | Path) -> nn.Module:
     """A reward stage's head as a module (its kind and shape read from the weights)."""
     return head_from_weights(split_reward_adapter(stage_dir)[1])
-
-
-def attach_lora_of_classifier(
-    model: PreTrainedModel | PeftModel, name: str, stage_dir: str | Path, trainable: bool
-) -> PeftModel:
-    """The LoRA weights of a sequence-classification adapter as adapter `name` of a causal-LM model: the
-    same decoder paths, with the task type and the saved head left out (PEFT would otherwise wrap the
-    causal LM as a classifier)."""
-    lora_weights, _ = split_reward_adapter(stage_dir)
-    config = LoraConfig.from_pretrained(str(stage_dir))
-    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, not trainable
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, config)
-    else:
-        model = get_peft_model(model, config, adapter_name=name)
-    result = set_peft_model_state_dict(model, lora_weights, adapter_name=name)
-    missing = [key for key in result.missing_keys if f".{name}." in key and "lora_" in key]
-    if result.unexpected_keys or missing:
-        raise RuntimeError(
-            f"{stage_dir}: its adapter does not fit this base (missing {missing[:3]}, unexpected "
-            f"{result.unexpected_keys[:3]}); a reward model only loads onto the base it was trained on"
-        )
-    return model
 
 
 def load_reward_role(
@@ -203,8 +184,6 @@ def load_reward_role(
 ) -> tuple[PeftModel, nn.Module]:
     """Puts a reward stage onto an already-loaded causal-LM base: the frozen adapter `adapter_name` and
     its frozen head. Score with `sequence_scores(model, head, ids, mask, adapter=adapter_name)`."""
-    from alignment.models.loading import attach_adapter
-
     head = read_score_head(stage_dir)
     hidden_size = model.config.get_text_config().hidden_size
     if head.hidden_size != hidden_size:
@@ -221,10 +200,6 @@ def load_trained_reward_model(
     stage_dir: str | Path, adapter_name: str = REWARD
 ) -> tuple[PeftModel, nn.Module, PreTrainedTokenizerBase]:
     """A reward stage's model on its own base, with its saved tokenizer, ready to score conversations."""
-    from transformers import AutoTokenizer
-
-    from alignment.models.loading import load_base_model, load_stage_recipe
-
     recipe = load_stage_recipe(stage_dir)
     read_score_head(stage_dir)  # a reward stage's folder? (checked before the base loads)
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))

@@ -35,9 +35,9 @@ from transformers import get_scheduler
 
 from alignment.evaluation.checkers import resolve_checker
 from alignment.io import read_json, write_json
-from alignment.models.heads import active_adapter, decoder_stack, positions_from_mask
+from alignment.models.heads import active_adapter, positions_from_mask
 from alignment.models.sampling import Responses, sample
-from alignment.models.scoring import RewardSource
+from alignment.models.scoring import RewardSource, token_scores
 from alignment.names import POLICY, REFERENCE, VALUE
 from alignment.ppo import core
 from alignment.ppo.config import PPOConfig
@@ -248,17 +248,9 @@ class PPOTrainer:
         """V(s_t) for each response token t: the value head's score at position t − 1 (it reads only up to there)."""
         width = input_ids.shape[1] - response_start
         input_ids, attention_mask, response_start = trim_padding(input_ids, attention_mask, response_start)
-        with active_adapter(self.unwrapped, VALUE), self.autocast():
-            hidden = decoder_stack(self.unwrapped)(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask),
-                use_cache=False,
-            ).last_hidden_state
-            values = self.policy_and_value.value_head.token_scores(hidden, attention_mask)[
-                :, response_start - 1 : -1
-            ].float()
-        return pad_columns(values, width)
+        with self.autocast():
+            values = token_scores(self.unwrapped, self.policy_and_value.value_head, input_ids, attention_mask, VALUE)
+        return pad_columns(values[:, response_start - 1 : -1].float(), width)
 
     def _micro_batches(self, size: int) -> list[slice]:
         micro = max(1, self.config.micro_batch_size)

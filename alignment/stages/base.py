@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import yaml
 
 from alignment.distributed import process_state
-from alignment.io import atomic_directory, read_json, write_json, write_text
+from alignment.io import atomic_directory, write_json, write_text
 from alignment.names import MANIFEST, METRICS, RESOLVED_RECIPE
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.recipes.validate import check_args
@@ -193,7 +193,7 @@ class Stage:
 
     def stage_artifact(self, name: str, folder: Path) -> tuple[Path, str, str]:
         """(folder, artifact name, stage type) of this recipe's stage `name`, for W&B lineage."""
-        return folder, artifact_name(self.recipe.name, name), read_json(folder / MANIFEST)["type"]
+        return folder, artifact_name(self.recipe.name, name), read_manifest(folder)["type"]
 
     def execute(self) -> dict[str, Any]:
         """Runs the stage with tracking; writes the output folder atomically with manifest and metrics.

@@ -36,8 +36,8 @@ from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
 from alignment.data.policy_pairs import PolicySamplesConfig, sample_policy_pairs
 from alignment.io import write_json, write_jsonl
 from alignment.models.heads import ScoreHeadConfig, build_score_head, decoder_stack, read_reward_stats
-from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer, lora_config
-from alignment.models.scoring import SCORE_MODULE, score_conversations, trained_score_head
+from alignment.models.loading import SCORE_MODULE, attach_adapter, load_base_model, load_tokenizer, lora_config
+from alignment.models.scoring import score_conversations, trained_score_head
 from alignment.names import ADAPTER_WEIGHTS, LOG_HISTORY, POLICY, REWARD_STATS_FILE
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.stages.base import Stage, register
