@@ -1,14 +1,16 @@
-"""The `alignment` command: run, validate, generate, score, compare, export."""
+"""The `alignment` command: run, validate, generate, score, compare, report, export."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
 from alignment.data.loading import DataError
+from alignment.distributed import process_state
 from alignment.export import ExportError
 from alignment.names import REWARD
 from alignment.recipes.schema import SamplingConfig
@@ -26,6 +28,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     run_recipe(recipe, only=_stage_list(args.stages), force=args.force)
+    if not args.no_report and process_state().is_main_process:
+        from alignment.report import write_report
+
+        markdown, page, _ = write_report(Path(recipe.output_dir), recipe=recipe)
+        print(f"report: {markdown} and {page}")
     return 0
 
 
@@ -85,6 +92,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from alignment.report import write_report
+
+    markdown, page, _ = write_report(Path(args.run_dir), Path(args.reward_stage) if args.reward_stage else None)
+    print(f"report: {markdown} and {page}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from alignment.export import export_stage
 
@@ -114,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = recipe_command("run", "run a recipe's stages in order")
     run.add_argument("--force", action="store_true", help="re-run stages that are already complete")
+    run.add_argument("--no-report", action="store_true", help="do not write report.md/report.html at the end")
     run.set_defaults(func=cmd_run)
     recipe_command("validate", "check a recipe and print it resolved, with the plan").set_defaults(func=cmd_validate)
 
@@ -141,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", help="run folders (a recipe's output_dir)")
     compare.add_argument("--markdown", metavar="FILE", help="also write the comparison to FILE")
     compare.set_defaults(func=cmd_compare)
+
+    report = commands.add_parser(
+        "report", help="report.md and report.html: curves, evaluation per group, win rates against the SFT policy"
+    )
+    report.add_argument("run_dir", help="a run folder (a recipe's output_dir)")
+    report.add_argument(
+        "--reward-stage", metavar="DIR", help="judge win rates with this reward stage (default: the run's own, if any)"
+    )
+    report.set_defaults(func=cmd_report)
 
     export = commands.add_parser("export", help="a policy or reward stage as a plain Hugging Face model (LoRA merged)")
     export.add_argument("stage_dir", help="a stage output folder, RUN_DIR/STAGE")

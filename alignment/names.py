@@ -14,5 +14,6 @@ RESOLVED_RECIPE = "recipe.yaml"  # the whole recipe as run, every default filled
 LOG_HISTORY = "log_history.json"  # the training log, one row per logging step or PPO iteration
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # PEFT's own names
 SAMPLES_DIR = "samples"  # generated answers, one `<split>.jsonl` per evaluated split
+EVAL_INITIAL = "eval_initial"  # a PPO stage's answers of its starting policy, on its `eval` prompts
 SCORE_HEAD_FILE = "score_head.safetensors"  # a PPO stage's value head (a reward stage's head is in its adapter)
 REWARD_STATS_FILE = "reward_stats.json"  # {"mean", "std", "count"} of rewards over the training prompts

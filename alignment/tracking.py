@@ -91,6 +91,12 @@ class Tracker:
 
             self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
+    def image(self, key: str, path: Path, caption: str = "") -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path), caption=caption)})
+
     def histogram(self, key: str, values: list[float], step: int | None = None) -> None:
         if self.run is not None:
             import wandb

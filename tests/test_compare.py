@@ -41,3 +41,20 @@ def test_compare_prints_two_demo_runs_and_their_differing_learning_rate(tmp_path
 def test_compare_refuses_a_folder_without_completed_stages(tmp_path, capsys):
     assert cli.main(["compare", str(tmp_path)]) == 2
     assert "holds no completed stage" in capsys.readouterr().err
+
+
+def test_alignment_run_writes_the_report_unless_told_not_to(tmp_path, capsys):
+    """`alignment run` ends with `report.md` and `report.html` in the run folder; `--no-report` skips them."""
+    for name, flags in (("with", []), ("without", ["--no-report"])):
+        overrides = [
+            f"output_dir={tmp_path / name}", "tracking.mode=disabled", "stages.sft.args.max_steps=2",
+            "stages.sft.data.datasets.0.options.rows=300", "stages.sft.evaluation.num_prompts=8",
+        ]  # fmt: skip
+        arguments = ["run", str(ROOT / "recipes" / "toy" / "sft.yaml"), *flags]
+        assert cli.main([*arguments, *(part for item in overrides for part in ("--set", item))]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {tmp_path / 'with' / 'report.md'} and {tmp_path / 'with' / 'report.html'}" in printed
+    metrics = json.loads((tmp_path / "with" / "sft" / "metrics.json").read_text())
+    report = (tmp_path / "with" / "report.md").read_text()
+    assert f"| (all) | {metrics['eval/exact_match']:.3f} |" in report and "](report_files/sft.png)" in report
+    assert not (tmp_path / "without" / "report.md").exists() and not (tmp_path / "without" / "report.html").exists()

@@ -20,6 +20,7 @@ from alignment.models.loading import attach_adapter, load_base_model, load_token
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.recipes.schema import GenerationEvalConfig
 from alignment.recipes.validate import RecipeError
+from alignment.report import write_report
 from alignment.runner import make_stage, run_recipe
 from alignment.stages.dpo import POLICY, REFERENCE, dpo_trainer
 from alignment.tracking import Tracker, read_offline_run
@@ -292,3 +293,14 @@ def test_shipped_toy_dpo_recipe_gains_ten_points_over_early_sft(tmp_path):
     manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
     print(f"toy dpo: exact match gain {gain:.3f}, stage {manifest['duration_s']} s")
     assert gain >= 0.10  # the stage's wall time is printed and quoted in docs/benchmarks.md, not asserted
+
+    _, page, numbers = write_report(tmp_path)  # the run's report: win rates against the SFT policy
+    gold = numbers["win_rates"]["dpo"]["eval"]["gold checker"]
+    assert gold.count == 280 and (gold.wins - gold.losses) / gold.count == pytest.approx(gain)
+    worse = {  # every group DPO answers worse than the SFT policy is flagged
+        key.split("/")[-1]
+        for key, value in results["dpo"].items()
+        if key.startswith("eval/exact_match/") and value < results["sft"][key]
+    }
+    assert {warning.split(" eval ")[1].split()[0] for warning in numbers["warnings"] if " eval " in warning} == worse
+    assert "data:image/png;base64," in page.read_text()

@@ -3,6 +3,7 @@ role isolation against the SFT and reward stages loaded alone, and resume after 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -30,8 +31,9 @@ from alignment.ppo import core
 from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
+from alignment.report import write_report
 from alignment.runner import make_stage, run_recipe
-from alignment.tracking import Tracker
+from alignment.tracking import Tracker, read_offline_run
 
 from conftest import ROOT, STORIES, need_shared
 
@@ -165,6 +167,52 @@ def test_ppo_writes_policy_adapter_metrics_and_manifest(trained):
     history = json.loads((stage / "log_history.json").read_text())
     assert [row["iteration"] for row in history] == [1, 2]
     assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 0
+
+
+def test_the_run_report_judges_ppo_against_its_start_as_the_metrics_and_samples_say(trained, tmp_path):
+    """`alignment report`: the gold checker's win rate of PPO over its starting policy is the exact-match
+    gain (wins − losses = n × gain), the reward model's counts are those of the scores PPO wrote for both
+    policies' answers, the files hold the tables and plots, and the report's W&B run has them too."""
+    recipe, output_dir = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(output_dir, run_dir)
+    offline = copy.deepcopy(recipe)
+    offline.tracking.mode, offline.tracking.project = "offline", "alignment-tests"
+    markdown, page, numbers = write_report(run_dir, recipe=offline)
+
+    metrics = json.loads((run_dir / "ppo" / "metrics.json").read_text())
+    gold = numbers["win_rates"]["ppo"]["eval"]["gold checker"]
+    assert gold.count == 16
+    gain = metrics["eval/exact_match"] - metrics["eval_initial/exact_match"]
+    assert (gold.wins - gold.losses) / gold.count == pytest.approx(gain)
+    after, before = (
+        [json.loads(line) for line in (run_dir / "ppo" / "samples" / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("eval", "eval_initial")
+    )
+    outcomes = [(a["reward"] > b["reward"]) - (a["reward"] < b["reward"]) for a, b in zip(after, before, strict=True)]
+    reward = numbers["win_rates"]["ppo"]["eval"]["reward model"]
+    assert (reward.wins, reward.ties, reward.losses) == (outcomes.count(1), outcomes.count(0), outcomes.count(-1))
+    reward_metrics = json.loads((run_dir / "reward" / "metrics.json").read_text())
+    below_chance = {  # the report flags each group (and the whole split) the reward model ranks below chance
+        "(all)" if key == "eval/pairwise_accuracy" else key.split("/")[-1]
+        for key, value in reward_metrics.items()
+        if (key == "eval/pairwise_accuracy" or key.startswith("eval/pairwise_accuracy/")) and value < 0.5
+    }
+    flagged = {warning.split(" eval ")[1].split()[0] for warning in numbers["warnings"] if " eval " in warning}
+    assert flagged == below_chance
+
+    text = markdown.read_text()
+    assert f"| eval | gold checker | 16 | {gold.wins} | {gold.ties} | {gold.losses} | {gold.rate:.3f} ± " in text
+    assert "](report_files/ppo.png)" in text
+    assert (run_dir / "report_files" / "ppo.png").read_bytes()[:4] == b"\x89PNG"
+    assert page.read_text().count("data:image/png;base64,") == 3  # the curves of sft, reward and ppo, inline
+
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    logged = read_offline_run(wandb_run)
+    assert logged["run"]["job_type"] == "report" and logged["run"]["group"] == recipe.name
+    keys = {key: value for row in logged["history"] for key, value in row.items()}
+    assert keys["report/win_rates_ppo_against_sft"]["_type"] == "table-file"
+    assert keys["report/training_curves_ppo"]["_type"] == "image-file"
 
 
 def test_roles_share_one_base_and_frozen_roles_do_not_move(trained):
@@ -478,6 +526,9 @@ def test_shipped_toy_ppo_checker_recipe_gains_ten_points_over_early_sft(tmp_path
     )
     assert metrics["eval_initial/exact_match"] == pytest.approx(results["sft"]["eval/exact_match"])
     assert gain >= 0.10  # the stage's wall time is printed and quoted in docs/benchmarks.md, not asserted
+    _, _, numbers = write_report(tmp_path)
+    gold = numbers["win_rates"]["ppo"]["eval"]["gold checker"]
+    assert gold.count == 280 and (gold.wins - gold.losses) / gold.count == pytest.approx(gain)
 
 
 def make_trainer(recipe, work_dir: Path, compute_dtype: str = "float32", **args) -> PPOTrainer:

@@ -40,6 +40,9 @@ def test_demo_recipe_learns_the_tasks_on_held_out_instances(tmp_path):
     assert metrics["data/eval_rows"] >= 280
     samples = (output_dir / "sft" / "samples" / "eval.jsonl").read_text().splitlines()
     assert len(samples) == 280
+    report = (output_dir / "report.md").read_text()  # `alignment run` ends with the run's report
+    assert f"| (all) | {metrics['eval/exact_match']:.3f} |" in report
+    assert (output_dir / "report.html").read_text().count("data:image/png;base64,") == 1  # the SFT curves
     answer = subprocess.run(
         [sys.executable, "-m", "alignment", "generate", str(output_dir / "sft"), "--prompt", "Reverse the string abc."],
         cwd=ROOT,

@@ -32,7 +32,7 @@ from alignment.models.scoring import (
     read_score_head,
     separate_model_reward,
 )
-from alignment.names import LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE
+from alignment.names import EVAL_INITIAL, LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.schema import DataSpec, GenerationEvalConfig, ModelConfig, StageSpec
@@ -40,7 +40,6 @@ from alignment.recipes.validate import RecipeError, build, check_args
 from alignment.stages.base import Stage, register
 from alignment.tracking import Tracker
 
-EVAL_INITIAL = "eval_initial"
 INITIAL_EVAL_FILE = "eval_initial.json"  # in the work folder: the initial evaluation, reused on resume
 EVAL_COLUMNS = [*SAMPLE_COLUMNS, "reward", "ended", "length"]
 
