@@ -258,7 +258,9 @@ def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> 
     for key in ("iterations", "rollout_batch_size", "num_mini_batches", "num_ppo_epochs", "max_new_tokens"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += ["--lora-rank", str(args.lora_rank), "--threads", str(args.threads)]
-    environment = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    environment = dict(os.environ)
+    if not args.glibc_defaults:  # large buffers from mmap, returned when freed: RSS follows the live tensors
+        environment |= {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     completed = subprocess.run(command, capture_output=True, text=True, env=environment)
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if completed.returncode != 0 or not lines:
@@ -308,6 +310,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per child")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's allocator as a user's process has it (RSS then includes freed memory glibc keeps)",
+    )
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
     parser.add_argument("--child", choices=list(CONFIGURATIONS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from alignment.models.sampling import truncate_after_eos
-from alignment.ppo import PPOConfig
+from alignment.ppo import PPOConfig, core
 from alignment.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -532,3 +532,39 @@ def test_prompt_indices_follow_one_seeded_permutation_per_pass_over_the_prompts(
     assert prompt_indices(0, 4, num_prompts, seed) == stream[0:4]
     assert prompt_indices(8, 4, num_prompts, seed) == stream[8:12]  # crosses into the second pass
     assert prompt_indices(20, 10, num_prompts, seed) == passes[2]
+
+
+def plain_group_advantages(scores: list[float], group_size: int, estimator: str, scale_by_std: bool) -> list[float]:
+    """The estimators as the papers write them, one response at a time."""
+    advantages = []
+    for index, score in enumerate(scores):
+        first = index - index % group_size
+        group = scores[first : first + group_size]
+        others = group[: index - first] + group[index - first + 1 :]
+        if estimator == "rloo":
+            advantages.append(score - sum(others) / len(others))
+            continue
+        mean = sum(group) / group_size
+        std = math.sqrt(sum((value - mean) ** 2 for value in group) / (group_size - 1))
+        advantages.append((score - mean) / (std + 1e-4) if scale_by_std else score - mean)
+    return advantages
+
+
+@pytest.mark.parametrize(("estimator", "scale_by_std"), [("grpo", True), ("grpo", False), ("rloo", True)])
+def test_group_advantages_match_a_plain_loop_on_a_hand_made_batch(estimator: str, scale_by_std: bool) -> None:
+    scores = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, -1.0, 0.0, 3.0]  # 3 prompts x 4 samples
+    advantages = core.group_advantages(torch.tensor(scores), 4, estimator, scale_by_std=scale_by_std)
+    expected = plain_group_advantages(scores, 4, estimator, scale_by_std)
+    assert advantages.tolist() == pytest.approx(expected, abs=1e-6)
+    assert advantages[4:8].abs().max() == 0  # a group of equal rewards gives no signal, whatever the estimator
+
+
+def test_group_advantages_refuse_a_batch_that_is_not_whole_groups() -> None:
+    with pytest.raises(ValueError, match="groups of 4"):
+        core.group_advantages(torch.zeros(6), 4, "grpo")
+
+
+def test_group_statistics_count_groups_without_signal() -> None:
+    group = core.group_statistics(torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0]), 2)
+    assert group["group/equal_reward_share"].item() == pytest.approx(2 / 3)
+    assert group["group/reward_std"].item() == pytest.approx(math.sqrt(0.5) / 3)

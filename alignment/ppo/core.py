@@ -239,6 +239,43 @@ def compute_gae(
     return advantages, returns
 
 
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    estimator: Literal["grpo", "rloo"],
+    scale_by_std: bool = True,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """One advantage per response, the other responses to the same prompt as its baseline (no critic).
+
+    Rows g*G … g*G + G − 1 answer one prompt (G = `group_size`). grpo (Shao et al. 2024, DeepSeekMath):
+    A_i = (r_i − mean_g r) / (std_g r + eps), the std unbiased; `scale_by_std=False` drops the division
+    (Dr. GRPO, Liu et al. 2025), so groups whose rewards barely differ are not up-weighted. rloo
+    (Ahmadian et al. 2024): A_i = r_i − mean_{j≠i} r_j, the leave-one-out mean, an unbiased baseline.
+    """
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size} (at least 2)")
+    grouped = scores.reshape(-1, group_size)
+    if estimator == "rloo":
+        leave_one_out = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+        return (grouped - leave_one_out).reshape(-1)
+    if estimator == "grpo":
+        advantages = grouped - grouped.mean(dim=1, keepdim=True)
+        if scale_by_std:
+            advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+        return advantages.reshape(-1)
+    raise ValueError(f"unknown group advantage estimator {estimator!r}; expected 'grpo' or 'rloo'")
+
+
+def group_statistics(scores: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """Mean reward std within groups, and the share of groups whose rewards are all equal (no signal)."""
+    grouped = scores.reshape(-1, group_size)
+    return {
+        "group/reward_std": grouped.std(dim=1).mean(),
+        "group/equal_reward_share": (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean(),
+    }
+
+
 # Losses
 
 
