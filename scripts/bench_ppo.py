@@ -6,6 +6,7 @@ differs:
 
 - shared-4bit (ours): one 4-bit base with the policy, reference, reward and value adapters, as the
   PPO stage builds it;
+- shared-float32 (ours with `quantization: {mode: none}`): the same on one float32 base;
 - separate-4bit: four 4-bit models, one LoRA adapter each (policy and value train theirs);
 - separate-float32: four float32 models, policy and value fully fine-tuned (the classic set-up).
 
@@ -51,6 +52,7 @@ from bench_ppo_memory import (
 
 CONFIGURATIONS = {
     "shared-4bit": "ours: one 4-bit base + 4 LoRA adapters",
+    "shared-float32": "ours unquantized: one float32 base + 4 LoRA adapters",
     "separate-4bit": "four 4-bit models, one LoRA adapter each",
     "separate-float32": "four float32 models, policy and value fully fine-tuned",
 }
@@ -155,7 +157,7 @@ def build(configuration: str, model_dir: Path, lora_rank: int):
         copy_out_of_checkpoint_mapping(model, model_dir / "model.safetensors")
         return model
 
-    if configuration == "shared-4bit":  # as PPOStage.build_roles puts the roles on its base
+    if configuration.startswith("shared"):  # as PPOStage.build_roles puts the roles on its base
         model = load()
         for role, trains in trainable.items():
             model = attach_adapter(model, role, lora, trainable=trains)
