@@ -451,7 +451,14 @@ def test_config_defaults_are_valid_and_derive_batch_sizes() -> None:
 @pytest.mark.parametrize(
     ("values", "key", "message"),
     [
-        ({"num_mini_batches": 5}, "num_mini_batches", "must divide rollout_batch_size"),
+        ({"num_mini_batches": 5}, "num_mini_batches", "must divide the episodes of an iteration"),
+        ({"advantage_estimator": "grpo"}, "samples_per_prompt", "must be at least 2 for advantage_estimator grpo"),
+        (
+            {"samples_per_prompt": 3, "num_mini_batches": 5},
+            "num_mini_batches",
+            "rollout_batch_size × samples_per_prompt = 192",
+        ),
+        ({"cliprange_high": 0}, "cliprange_high", "must be positive or null"),
         ({"gradient_accumulation_steps": 3}, "gradient_accumulation_steps", "must divide the mini-batch"),
         ({"total_episodes": 100, "num_iterations": 2}, "total_episodes", "not both"),
         ({"temperature": 0}, "temperature", "must be positive"),

@@ -420,6 +420,34 @@ def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(t
     assert metrics["eval/reward_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
 
 
+def test_grpo_runs_without_a_value_role_and_without_a_reference_pass_at_kl_coef_zero(trained, tmp_path):
+    """advantage_estimator grpo: groups of samples per prompt, no value adapter trained or saved; with
+    kl_coef 0 the reference never runs in training (no KL metric)."""
+    _, prepared = trained
+    run_dir = tmp_path / "run"
+    for stage in ("sft", "reward"):
+        shutil.copytree(prepared / stage, run_dir / stage)
+    grpo_args = CRITIC_FREE | {
+        "num_iterations": 2,
+        "kl_coef": 0.0,
+        "loss_aggregation": "sequence",
+        "cliprange_high": 0.28,
+    }
+    raw = pipeline(run_dir, grpo_args, value_from="policy")
+    stage = make_stage(validate_recipe(raw), validate_recipe(raw).stage("ppo"))
+    tokenizer = load_tokenizer(stage.recipe.model, stage.recipe.chat_template)
+    data = build_stage_data(stage.spec.data, "prompt", 0, tokenizer)
+    model, value_head, _, _ = stage.build_roles(tokenizer, data)
+    assert value_head is None and "value" not in model.peft_config
+    metrics = run_recipe(validate_recipe(raw), only=["ppo"])["ppo"]
+    assert metrics["train/episode"] == 16  # 2 iterations x 4 prompts x 2 samples
+    assert "train/objective/kl" not in metrics and "train/val/explained_variance" not in metrics
+    assert 0 <= metrics["train/group/equal_reward_share"] <= 1 and "train/group/reward_std" in metrics
+    assert not (run_dir / "ppo" / "adapters" / "value").exists()
+    history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert all("loss/value_avg" not in row for row in history)
+
+
 def run_ppo_stage(run_dir: Path, recipe_path: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "alignment", "run", str(recipe_path), "--stages", "ppo"],
@@ -430,11 +458,15 @@ def run_ppo_stage(run_dir: Path, recipe_path: Path) -> subprocess.Popen:
     )
 
 
+CRITIC_FREE = {"advantage_estimator": "grpo", "samples_per_prompt": 2, "rollout_batch_size": 4}
+
+
 @pytest.mark.slow
-def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_path):
-    """PPO-ptx killed with SIGKILL after its second checkpoint and run again: the same iterations and
-    metrics as a run never interrupted (the ptx sampler's state is in the checkpoint), and the initial
-    evaluation is reused rather than run again."""
+@pytest.mark.parametrize("estimator_args", [{}, CRITIC_FREE], ids=["gae", "grpo"])
+def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_path, estimator_args):
+    """PPO-ptx (and GRPO) killed with SIGKILL after its second checkpoint and run again: the same
+    iterations and metrics as a run never interrupted (the ptx sampler's state is in the checkpoint), and
+    the initial evaluation is reused rather than run again."""
     _, prepared = trained
     logs = {}
     for name in ("straight", "killed"):
@@ -442,7 +474,7 @@ def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_
         for stage in ("sft", "reward"):
             shutil.copytree(prepared / stage, run_dir / stage)
         recipe_path = tmp_path / f"{name}.yaml"
-        ppo_args = {"num_iterations": 6, "save_steps": 2, "ptx_coef": 0.5}
+        ppo_args = {"num_iterations": 6, "save_steps": 2, "ptx_coef": 0.5, **estimator_args}
         recipe_path.write_text(yaml.safe_dump(pipeline(run_dir, ppo_args, ptx_data=TOY_DATA)))
         if name == "killed":
             process = run_ppo_stage(run_dir, recipe_path)

@@ -50,3 +50,10 @@ def exact_match_reward(prompts: list, responses: list[str], references: list[str
     return [
         1.0 if exact(response, reference) else 0.0 for response, reference in zip(responses, references, strict=True)
     ]
+
+
+def gsm8k_reward(prompts: list, responses: list[str], references: list[str]) -> list[float]:
+    """A reward function for GSM8K-style maths: 1 when the final number equals the reference's, else 0."""
+    return [
+        1.0 if gsm8k(response, reference) else 0.0 for response, reference in zip(responses, references, strict=True)
+    ]

@@ -15,13 +15,15 @@ from typing import Literal
 from alignment.recipes.validate import RecipeError
 
 KLEstimator = Literal["k1", "k3"]
+AdvantageEstimator = Literal["gae", "grpo", "rloo"]
 
 
 @dataclass
 class PPOConfig:
     """Hyperparameters of the PPO stage (RLHF with a KL penalty to the SFT policy, optionally PPO-ptx).
 
-    One *iteration* samples one response for each of `rollout_batch_size` prompts, scores them, and
+    One *iteration* samples `samples_per_prompt` responses (one by default) for each of
+    `rollout_batch_size` prompts, scores them, and
     then runs `num_ppo_epochs` passes over that batch, split into `num_mini_batches` mini-batches; each
     mini-batch is one optimiser step, accumulated over `gradient_accumulation_steps` micro-batches.
 
@@ -32,8 +34,8 @@ class PPOConfig:
             small one: a large step makes the first epoch's ratios leave the clip range at once.
         num_ppo_epochs: Passes over each rollout batch. More reuse is cheaper per sample but drifts
             further from the sampling policy (watch `policy/clipfrac_avg` and `policy/approxkl_avg`).
-        rollout_batch_size: Prompts sampled per iteration (one response each): the batch the
-            advantages are whitened over and the KL controller is updated with.
+        rollout_batch_size: Prompts sampled per iteration (`samples_per_prompt` responses each): the
+            batch the advantages are whitened over and the KL controller is updated with.
         num_mini_batches: Mini-batches per PPO epoch; each is one optimiser step. `mini_batch_size`
             is derived: `rollout_batch_size / num_mini_batches`.
         gradient_accumulation_steps: Micro-batches a mini-batch is split into for the forward and
@@ -79,11 +81,27 @@ class PPOConfig:
 
         > Advantages and losses
 
+        advantage_estimator: "gae": PPO's, from the value role's V(s_t) (InstructGPT). "grpo" (Shao et
+            al. 2024) and "rloo" (Ahmadian et al. 2024): critic-free, each response's advantage is its
+            sequence reward against the other responses to the same prompt (`samples_per_prompt` of them);
+            no value role is loaded, every token of a response gets its advantage.
+        samples_per_prompt: Responses sampled per prompt per iteration (the group); at least 2 for grpo
+            and rloo. An iteration has rollout_batch_size × samples_per_prompt episodes.
+        scale_advantages_by_std: grpo: divide each group's centred rewards by their std. False is Dr.
+            GRPO (Liu et al. 2025): no up-weighting of groups whose rewards barely differ.
+        loss_aggregation: "token": the policy loss is the mean over all real tokens of the mini-batch
+            (DAPO, Dr. GRPO; PPO's usual); "sequence": the mean over each response's tokens, then over
+            responses (the original GRPO), which gives short responses' tokens more weight.
+        kl_penalty_in: "reward": beta * KL is taken from the reward (per token for gae, summed over the
+            response for grpo/rloo); "loss": beta * the mean per-token KL estimate (`kl_estimator`, k3
+            as GRPO uses it) is added to the loss instead. With kl_coef 0 the reference role never runs.
         gamma: Discount factor of the GAE. 1.0: the score at the end counts fully for every token.
         lam: GAE lambda: 1.0 is the Monte-Carlo return (high variance); 0 the one-step TD error (high bias).
         whiten_advantages: Normalise advantages to mean 0 and variance 1 over the real response tokens of
             the rollout batch.
         cliprange: PPO's epsilon: the probability ratio is clipped to [1 - cliprange, 1 + cliprange].
+        cliprange_high: The upper epsilon when it differs (DAPO's clip-higher, Yu et al. 2025: e.g. 0.28
+            with cliprange 0.2 leaves more room to raise unlikely tokens); None: cliprange.
         cliprange_value: Value predictions are clipped to old value +/- cliprange_value in the value loss.
         vf_coef: Weight of the value loss in the total loss.
         entropy_coef: Weight of the entropy bonus (subtracted from the loss); 0 in InstructGPT and TRL.
@@ -129,10 +147,16 @@ class PPOConfig:
     kl_horizon: int = 10000
 
     # Advantages and losses
+    advantage_estimator: AdvantageEstimator = "gae"
+    samples_per_prompt: int = 1
+    scale_advantages_by_std: bool = True
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    kl_penalty_in: Literal["reward", "loss"] = "reward"
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
     cliprange: float = 0.2
+    cliprange_high: float | None = None
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
@@ -156,10 +180,17 @@ class PPOConfig:
         require(self.rollout_batch_size >= 1, "rollout_batch_size", "must be at least 1")
         require(self.num_mini_batches >= 1, "num_mini_batches", "must be at least 1")
         require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be at least 1")
+        require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be at least 1")
         require(
-            self.rollout_batch_size % self.num_mini_batches == 0,
+            self.advantage_estimator == "gae" or self.samples_per_prompt >= 2,
+            "samples_per_prompt",
+            f"must be at least 2 for advantage_estimator {self.advantage_estimator} (the group is the baseline)",
+        )
+        require(
+            self.episodes_per_iteration % self.num_mini_batches == 0,
             "num_mini_batches",
-            f"must divide rollout_batch_size ({self.rollout_batch_size}) into equal mini-batches",
+            f"must divide the episodes of an iteration (rollout_batch_size × samples_per_prompt = "
+            f"{self.episodes_per_iteration}) into equal mini-batches",
         )
         require(
             self.mini_batch_size % self.gradient_accumulation_steps == 0,
@@ -171,9 +202,9 @@ class PPOConfig:
         if self.total_episodes is not None and self.num_iterations is not None:
             raise RecipeError("total_episodes", "give total_episodes or num_iterations, not both")
         require(
-            self.total_episodes is None or self.total_episodes >= self.rollout_batch_size,
+            self.total_episodes is None or self.total_episodes >= self.episodes_per_iteration,
             "total_episodes",
-            f"must be at least one rollout batch ({self.rollout_batch_size} episodes)",
+            f"must be at least one rollout batch ({self.episodes_per_iteration} episodes)",
         )
         require(self.num_iterations is None or self.num_iterations >= 1, "num_iterations", "must be at least 1")
 
@@ -199,6 +230,7 @@ class PPOConfig:
         require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         require(self.cliprange > 0, "cliprange", "must be positive")
+        require(self.cliprange_high is None or self.cliprange_high > 0, "cliprange_high", "must be positive or null")
         require(self.cliprange_value > 0, "cliprange_value", "must be positive")
         require(self.vf_coef >= 0, "vf_coef", "must be zero or positive")
         require(self.entropy_coef >= 0, "entropy_coef", "must be zero or positive")
@@ -213,9 +245,23 @@ class PPOConfig:
         require(self.save_steps is None or self.save_steps >= 1, "save_steps", "must be at least 1, or null")
 
     @property
+    def episodes_per_iteration(self) -> int:
+        return self.rollout_batch_size * self.samples_per_prompt
+
+    @property
+    def uses_value(self) -> bool:
+        """Whether the value role exists: only GAE needs V(s_t)."""
+        return self.advantage_estimator == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the reference role runs: not when the KL has no weight and never will."""
+        return self.kl_coef > 0 or self.kl_target is not None
+
+    @property
     def mini_batch_size(self) -> int:
         """Episodes per optimiser step."""
-        return self.rollout_batch_size // self.num_mini_batches
+        return self.episodes_per_iteration // self.num_mini_batches
 
     @property
     def micro_batch_size(self) -> int:
@@ -227,5 +273,6 @@ class PPOConfig:
         each iteration rolls out `rollout_batch_size` episodes in every process."""
         if self.num_iterations is not None:
             return self.num_iterations
-        episodes = self.total_episodes if self.total_episodes is not None else num_prompts
-        return max(1, math.ceil(episodes / (self.rollout_batch_size * num_processes)))
+        if self.total_episodes is not None:
+            return max(1, math.ceil(self.total_episodes / (self.episodes_per_iteration * num_processes)))
+        return max(1, math.ceil(num_prompts / (self.rollout_batch_size * num_processes)))

@@ -93,9 +93,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return selected.sum(dim) / real.sum(dim)
 
 
-def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of `values` over positions where `mask` is 1 (padding selected out, as in `masked_mean`)."""
-    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
+    selected = torch.where(mask.bool(), values, torch.zeros_like(values))
+    return selected.sum() if dim is None else selected.sum(dim=dim)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -284,6 +285,26 @@ def token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tenso
     return masked_mean(values, mask) if num_tokens is None else masked_sum(values, mask) / num_tokens
 
 
+def sequence_mean(values: torch.Tensor, mask: torch.Tensor, num_sequences: torch.Tensor | int | None) -> torch.Tensor:
+    """Each row's mean over its real tokens, averaged over rows (the original GRPO's loss aggregation); with
+    `num_sequences` the rows' sum divided by it (a share of a larger batch's mean). Rows without a token add 0."""
+    row_means = masked_sum(values, mask, dim=1) / mask.sum(dim=1).clamp(min=1)
+    return row_means.mean() if num_sequences is None else row_means.sum() / num_sequences
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: Literal["token", "sequence"] = "token",
+    num_tokens: torch.Tensor | int | None = None,
+    num_sequences: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """A per-token loss reduced to one number: over all real tokens, or per response then over responses."""
+    if aggregation == "sequence":
+        return sequence_mean(values, mask, num_sequences)
+    return token_mean(values, mask, num_tokens)
+
+
 def policy_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -291,20 +312,26 @@ def policy_loss(
     mask: torch.Tensor,
     cliprange: float,
     num_tokens: torch.Tensor | int | None = None,
+    cliprange_high: float | None = None,
+    aggregation: Literal["token", "sequence"] = "token",
+    num_sequences: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate, as a loss to minimise; returns (loss, approxkl, clipfrac).
 
     ratio = exp(log pi_new - log pi_old); loss = mean over real tokens of
-    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)). approxkl = 1/2 * mean((log pi_new - log pi_old)^2)
-    and clipfrac (the share of tokens where the clipped term is the larger) are diagnostics, detached.
-    With `num_tokens` the loss is the sum over these tokens divided by it (the real tokens of the whole
-    mini-batch that this micro-batch is part of), so accumulating micro-batches gives the mini-batch's mean.
+    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)), eps_high = `cliprange_high` or eps (DAPO's
+    clip-higher when larger). approxkl = 1/2 * mean((log pi_new - log pi_old)^2) and clipfrac (the share
+    of tokens where the clipped term is the larger) are diagnostics, detached. With `num_tokens` the loss
+    is the sum over these tokens divided by it (the real tokens of the whole mini-batch that this
+    micro-batch is part of), so accumulating micro-batches gives the mini-batch's mean; with
+    aggregation "sequence", the mean over each row's tokens summed over rows and divided by `num_sequences`.
     """
     log_ratio = new_logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
+    upper = cliprange if cliprange_high is None else cliprange_high
     unclipped_losses = -advantages * ratio
-    clipped_losses = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = token_mean(torch.max(unclipped_losses, clipped_losses), mask, num_tokens)
+    clipped_losses = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + upper)
+    loss = aggregate(torch.max(unclipped_losses, clipped_losses), mask, aggregation, num_tokens, num_sequences)
     with torch.no_grad():
         approxkl = 0.5 * masked_mean(log_ratio**2, mask)
         clipfrac = masked_mean((clipped_losses > unclipped_losses).float(), mask)

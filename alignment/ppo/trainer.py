@@ -3,6 +3,8 @@
 One iteration: sample responses with the policy (rollout) → score them with the reward role and take
 log-probs under the policy and the reference and values under the value role → per-token rewards
 with the KL penalty → GAE → several epochs of clipped policy and value updates over mini-batches.
+With a critic-free estimator (grpo, rloo) each prompt is sampled several times, the group is each
+answer's baseline, and there is no value role; with kl_coef 0 the reference does not run either.
 The maths lives in `alignment.ppo.core`; this file moves tensors between the roles and keeps state.
 
 Roles never leak into each other: the model stays in eval mode (no dropout anywhere, so the first
@@ -117,9 +119,9 @@ class PolicyAndValue(torch.nn.Module):
     """The trainable parts, the adapters on the shared base and the value head, in one module, so that
     accelerate prepares both and DDP averages all their gradients."""
 
-    def __init__(self, model: PeftModel, value_head: torch.nn.Module):
+    def __init__(self, model: PeftModel, value_head: torch.nn.Module | None):
         super().__init__()
-        self.model, self.value_head = model, value_head
+        self.model, self.value_head = model, value_head  # no value head: a critic-free estimator
 
     def forward(self, **inputs: Any) -> Any:
         return self.model(**inputs)
@@ -140,7 +142,7 @@ class PPOTrainer:
         self,
         config: PPOConfig,
         model: PeftModel,
-        value_head: torch.nn.Module,
+        value_head: torch.nn.Module | None,
         reward: RewardSource,
         tokenizer: Any,
         prompts: Dataset,
@@ -157,7 +159,7 @@ class PPOTrainer:
         self.accelerator = Accelerator(step_scheduler_with_optimizer=False)  # one scheduler step per optimiser step
         self.device = self.accelerator.device
         self.compute_dtype = compute_dtype
-        policy_and_value = PolicyAndValue(model, value_head.to(self.device))
+        policy_and_value = PolicyAndValue(model, value_head.to(self.device) if value_head is not None else None)
         self.optimizer = torch.optim.AdamW(
             policy_and_value.trainable_parameters().values(),
             lr=config.learning_rate, eps=1e-5, weight_decay=config.weight_decay,
@@ -183,7 +185,8 @@ class PPOTrainer:
         size, processes = self.config.rollout_batch_size, self.accelerator.num_processes
         first = (iteration * processes + self.accelerator.process_index) * size
         columns = self.prompts[prompt_indices(first, size, len(self.prompts), self.seed)]
-        return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        return [row for row in rows for _ in range(self.config.samples_per_prompt)]  # a prompt's group is consecutive
 
     # ---- forward passes of each role ----------------------------------------------------------
     def autocast(self) -> torch.autocast:
@@ -276,8 +279,11 @@ class PPOTrainer:
         for part in self._micro_batches(len(rows)):
             ids, mask = input_ids[part], attention_mask[part]
             logprobs.append(self._logprobs(POLICY, ids, mask, start, config.temperature))
-            reference_logprobs.append(self._logprobs(REFERENCE, ids, mask, start, config.temperature))
-            values.append(self._values(ids, mask, start))
+            if config.uses_reference:  # else the policy's own: a KL of exactly 0, never used
+                reference_logprobs.append(self._logprobs(REFERENCE, ids, mask, start, config.temperature))
+            else:
+                reference_logprobs.append(logprobs[-1])
+            values.append(self._values(ids, mask, start) if config.uses_value else torch.zeros_like(logprobs[-1]))
         with self.autocast():
             raw_scores = self.reward(sampled).to(self.device)
         scores = raw_scores
@@ -299,10 +305,25 @@ class PPOTrainer:
         mask = attention_mask[:, start:]
         kl = core.kl_penalty(logprobs, reference_logprobs, config.kl_estimator)
         kl_coef = self.kl_controller.value
-        rewards = core.per_token_rewards(scores, kl, kl_coef, mask)
-        advantages, returns = core.compute_gae(rewards, values, mask, config.gamma, config.lam)
-        if config.whiten_advantages:
-            advantages = core.masked_whiten(advantages, mask, moments=self._moments_over_processes(advantages, mask))
+        reward_kl_coef = kl_coef if config.kl_penalty_in == "reward" else 0.0  # else the update's loss pays it
+        if config.uses_value:
+            rewards = core.per_token_rewards(scores, kl, reward_kl_coef, mask)
+            advantages, returns = core.compute_gae(rewards, values, mask, config.gamma, config.lam)
+            if config.whiten_advantages:
+                moments = self._moments_over_processes(advantages, mask)
+                advantages = core.masked_whiten(advantages, mask, moments=moments)
+        else:  # critic-free: the group's other responses are the baseline, every token gets the response's
+            sequence_rewards = scores - reward_kl_coef * core.masked_sum(kl, mask, dim=1)
+            advantages = (
+                core.group_advantages(
+                    sequence_rewards,
+                    config.samples_per_prompt,
+                    config.advantage_estimator,
+                    config.scale_advantages_by_std,
+                )[:, None]
+                * mask
+            )
+            returns = torch.zeros_like(advantages)
         return Rollout(
             input_ids[:, :start], attention_mask[:, :start], input_ids[:, start:], mask, ended,
             logprobs, reference_logprobs, values, scores, raw_scores, sampled.texts, sampled.prompts, gold,
@@ -329,39 +350,50 @@ class PPOTrainer:
             for first in range(0, batch_size, mini_batch_size):
                 mini_batch = order[first : first + mini_batch_size].to(self.device)
                 num_tokens = mask[mini_batch].sum().clamp(min=1)
+                num_sequences = len(mini_batch)
                 ptx = self.ptx_batches(len(mini_batch)) if config.ptx_coef > 0 and self.ptx_batches else None
                 self.optimizer.zero_grad(set_to_none=True)
                 totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
                 for part in self._micro_batches(len(mini_batch)):
                     rows = mini_batch[part]
                     ids, row_mask, response_mask = input_ids[rows], attention_mask[rows], mask[rows]
+                    share = response_mask.sum() / num_tokens  # this micro-batch's share of the mini-batch's tokens
                     new_logprobs, entropies = self._logprobs(
                         POLICY, ids, row_mask, start, config.temperature, with_entropy=True
                     )
                     entropy = core.masked_sum(entropies, response_mask)
-                    new_values = self._values(ids, row_mask, start)
                     policy_loss, approxkl, clipfrac = core.policy_loss(
                         new_logprobs, rollout.logprobs[rows], advantages[rows], response_mask, config.cliprange,
-                        num_tokens=num_tokens,
+                        num_tokens=num_tokens, cliprange_high=config.cliprange_high,
+                        aggregation=config.loss_aggregation, num_sequences=num_sequences,
                     )  # fmt: skip
-                    value_loss, value_clipfrac = core.value_loss(
-                        new_values, rollout.values[rows], returns[rows], response_mask, config.cliprange_value,
-                        num_tokens=num_tokens,
-                    )  # fmt: skip
-                    loss = policy_loss + config.vf_coef * value_loss - config.entropy_coef * entropy / num_tokens
+                    loss = policy_loss - config.entropy_coef * entropy / num_tokens
+                    if config.uses_value:
+                        new_values = self._values(ids, row_mask, start)
+                        value_loss, value_clipfrac = core.value_loss(
+                            new_values, rollout.values[rows], returns[rows], response_mask, config.cliprange_value,
+                            num_tokens=num_tokens,
+                        )  # fmt: skip
+                        loss = loss + config.vf_coef * value_loss
+                        totals["loss/value_avg"] += value_loss.detach()
+                        totals["val/clipfrac_avg"] += value_clipfrac * share
+                    if config.kl_penalty_in == "loss" and config.uses_reference:  # GRPO's β·KL term
+                        kl_loss = core.aggregate(
+                            core.kl_penalty(new_logprobs, rollout.reference_logprobs[rows], config.kl_estimator),
+                            response_mask, config.loss_aggregation, num_tokens, num_sequences,
+                        )  # fmt: skip
+                        loss = loss + rollout.kl_coef * kl_loss
+                        totals["loss/kl_avg"] += kl_loss.detach()
                     if ptx is not None:
                         ptx_loss = self._ptx_loss({key: value[part] for key, value in ptx.items()}, ptx["labels"])
                         loss = loss + config.ptx_coef * ptx_loss
                         totals["loss/ptx_avg"] += ptx_loss.detach()
                     self.accelerator.backward(loss)
-                    share = response_mask.sum() / num_tokens  # this micro-batch's share of the mini-batch's tokens
                     ratio = torch.exp(new_logprobs.detach() - rollout.logprobs[rows])
                     totals["loss/policy_avg"] += policy_loss.detach()
-                    totals["loss/value_avg"] += value_loss.detach()
                     totals["policy/approxkl_avg"] += approxkl * share
                     totals["policy/clipfrac_avg"] += clipfrac * share
                     totals["policy/entropy_avg"] += entropy.detach() / num_tokens
-                    totals["val/clipfrac_avg"] += value_clipfrac * share
                     totals["val/ratio"] += core.masked_sum(ratio, response_mask) / num_tokens
                 for key, total in totals.items():
                     stats[key].append(total)
@@ -371,23 +403,30 @@ class PPOTrainer:
                 self.optimizer.step()
                 self.scheduler.step()
 
-        sequence_kl = (kl * mask).sum(1)
-        non_score_reward = (-kl_coef * kl * mask).sum(1)
         metrics = {key: torch.stack(values).mean().item() for key, values in stats.items()}  # one host sync
         metrics |= {
-            "objective/kl": sequence_kl.mean().item(),
             "objective/entropy": (-rollout.logprobs * mask).sum(1).mean().item(),
-            "objective/non_score_reward": non_score_reward.mean().item(),
-            "objective/rlhf_reward": (rollout.scores + non_score_reward).mean().item(),
             "objective/scores": rollout.scores.mean().item(),
             "objective/raw_scores": rollout.raw_scores.mean().item(),
-            "val/explained_variance": core.explained_variance(rollout.values, returns, mask).item(),
             "val/num_eos_tokens": float(rollout.contains_eos.sum().item()),
             "val/mean_response_length": mask.sum(1).float().mean().item(),
             "kl_coef": kl_coef,
         }
+        if config.uses_reference:  # with kl_coef 0 the reference never ran: the KL is not measured
+            sequence_kl = (kl * mask).sum(1)
+            non_score_reward = -kl_coef * sequence_kl
+            metrics |= {
+                "objective/kl": sequence_kl.mean().item(),
+                "objective/non_score_reward": non_score_reward.mean().item(),
+                "objective/rlhf_reward": (rollout.scores + non_score_reward).mean().item(),
+            }
+        if config.uses_value:
+            metrics["val/explained_variance"] = core.explained_variance(rollout.values, returns, mask).item()
+        if config.samples_per_prompt > 1:
+            statistics = core.group_statistics(rollout.scores, config.samples_per_prompt)
+            metrics |= {key: value.item() for key, value in statistics.items()}
         metrics = self._mean_over_processes(metrics)
-        self.kl_controller.update(metrics["objective/kl"], batch_size * self.accelerator.num_processes)
+        self.kl_controller.update(metrics.get("objective/kl", 0.0), batch_size * self.accelerator.num_processes)
         return metrics
 
     def _ptx_loss(self, micro_batch: dict[str, torch.Tensor], mini_batch_labels: torch.Tensor) -> torch.Tensor:
@@ -461,7 +500,7 @@ class PPOTrainer:
                 on_iteration(self.iteration, metrics)
             if config.save_steps and self.iteration % config.save_steps == 0 and self.iteration < self.num_iterations:
                 self.save_checkpoint()
-            progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics.get('objective/kl', 0):.3f}")
         checksums = self.replica_checksums()
         if max(checksums) - min(checksums) > 1e-6 * max(1.0, abs(checksums[0])):
             raise RuntimeError(f"ppo: the processes' trainable weights diverged (checksums {checksums})")

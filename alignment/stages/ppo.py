@@ -71,7 +71,8 @@ class PPOStageSpec(StageSpec):
                 "reward_from",
                 "give exactly one of reward_from (a reward stage), reward_function or reward_model",
             )
-        if self.value_from == "reward" and self.reward_from is None:
+        critic_free = self.args.get("advantage_estimator", "gae") != "gae"  # no value role to start
+        if self.value_from == "reward" and self.reward_from is None and not critic_free:
             raise RecipeError("value_from", "value_from: reward needs reward_from; use value_from: policy")
 
     def depends_on(self) -> list[str]:
@@ -164,12 +165,14 @@ class PPOStage(Stage):
         metrics |= {f"train/{key}": value for key, value in history[-1].items()} if history else {}
         metrics |= data.metrics()
 
-        model.save_pretrained(str(output_dir / "adapters"), selected_adapters=[POLICY, VALUE])
+        roles = [POLICY, VALUE] if value_head is not None else [POLICY]
+        model.save_pretrained(str(output_dir / "adapters"), selected_adapters=roles)
         policy_dir = output_dir / "adapters" / POLICY
         for item in policy_dir.iterdir():  # the policy adapter at the folder's root, as for SFT
             item.replace(output_dir / item.name)
         policy_dir.rmdir()
-        save_scalar_head(value_head, output_dir / "adapters" / VALUE)  # safetensors, as a reward stage saves its head
+        if value_head is not None:  # safetensors, as a reward stage saves its head
+            save_scalar_head(value_head, output_dir / "adapters" / VALUE)
         tokenizer.save_pretrained(str(output_dir))
         write_json(output_dir / LOG_HISTORY, history)
 
@@ -180,8 +183,9 @@ class PPOStage(Stage):
             metrics |= final | reward_gain(read_json(self.work_dir / INITIAL_EVAL_FILE)["rows"], rows)
         return metrics
 
-    def build_roles(self, tokenizer: Any, data: Any) -> tuple[Any, nn.Module, Any, dict | None]:
-        """Loads the base once and puts the four roles on it; returns (model, value head, reward, stats)."""
+    def build_roles(self, tokenizer: Any, data: Any) -> tuple[Any, nn.Module | None, Any, dict | None]:
+        """Loads the base once and puts the roles on it (four for PPO; no value role for grpo and rloo);
+        returns (model, value head or None, reward, stats)."""
         recipe, spec = self.recipe, self.spec
         sft_dir = self.require_stage(spec.init_from)
         model = load_base_model(recipe.model)
@@ -200,10 +204,13 @@ class PPOStage(Stage):
                 row["prompt"][-1]["content"]: row["reference"] for split in data.splits.values() for row in split
             }
             reward = function_reward(import_function(spec.reward_function), references)
-        if spec.value_from == "reward":
+        config = PPOConfig(**spec.args)
+        if not config.uses_value:  # grpo, rloo: no value role at all
+            value_head = None
+        elif spec.value_from == "reward":
             model = attach_adapter(model, VALUE, from_path=reward_dir, trainable=True)
             value_head = read_score_head(reward_dir)
-            if PPOConfig(**spec.args).normalize_reward:  # V predicts returns in the normalised rewards' units
+            if config.normalize_reward:  # V predicts returns in the normalised rewards' units
                 value_head = affine_head(
                     value_head, 1 / reward_stats["std"], -reward_stats["mean"] / reward_stats["std"]
                 )
@@ -215,7 +222,7 @@ class PPOStage(Stage):
         for parameter in model.parameters():
             if parameter.requires_grad:  # float32 master weights; the forward passes run under autocast
                 parameter.data = parameter.data.float()
-        return model, value_head.float().requires_grad_(True), reward, reward_stats
+        return model, value_head.float().requires_grad_(True) if value_head else None, reward, reward_stats
 
     def initial_evaluation(self, trainer: PPOTrainer, split: Any, tracker: Tracker) -> dict[str, float]:
         """The SFT policy's answers before any update, kept in the work folder so a resumed run reuses them."""
