@@ -324,6 +324,30 @@ def test_policy_loss_with_clipping_active_and_inactive() -> None:
     assert not approxkl.requires_grad and not clipfrac.requires_grad
 
 
+def test_policy_loss_with_clip_higher_and_per_sequence_aggregation_by_hand() -> None:
+    """DAPO's clip-higher (ratio clipped to [0.8, 1.28]) and the original GRPO's per-answer mean."""
+    ratios = [[1.25, 1.5, 1.0], [0.5, 1.0, 1.0]]
+    advantages = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the second answer has two tokens
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    new = torch.tensor([[math.log(r) for r in row] for row in ratios], dtype=torch.float64)
+    # by hand, max(-A*r, -A*clip(r, 0.8, 1.28)): row 1: -1.25 (inside), -1.28 (clipped), -1.0; row 2: 0.8
+    # (clipped), 1.0; the padding is out
+    token_losses = [[-1.25, -1.28, -1.0], [0.8, 1.0]]
+    loss, _, clipfrac = policy_loss(new, old, advantages, mask, cliprange=0.2, cliprange_high=0.28)
+    assert loss.item() == pytest.approx(sum(map(sum, token_losses)) / 5)  # every real token alike
+    assert clipfrac.item() == pytest.approx(2 / 5)
+    loss, _, _ = policy_loss(new, old, advantages, mask, cliprange=0.2, cliprange_high=0.28, aggregation="sequence")
+    assert loss.item() == pytest.approx(sum(sum(row) / len(row) for row in token_losses) / 2)  # each answer alike
+    # split in two micro-batches with the mini-batch's answer count, the parts add up to the whole
+    parts = [
+        policy_loss(new[i : i + 1], old[i : i + 1], advantages[i : i + 1], mask[i : i + 1], 0.2,
+                    cliprange_high=0.28, aggregation="sequence", num_sequences=2)[0]
+        for i in range(2)
+    ]  # fmt: skip
+    assert sum(part.item() for part in parts) == pytest.approx(loss.item())
+
+
 def test_value_loss_with_clipping_active_and_inactive() -> None:
     old_values = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
     new_values = torch.tensor([[0.1, 0.5, -0.5, 1.0, 0.5, 50.0]])
