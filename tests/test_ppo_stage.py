@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -600,6 +601,34 @@ def test_one_bfloat16_ppo_step_at_a_small_learning_rate_changes_every_trainable_
     print(f"entries changed: {changed / entries:.5f} in float32, {kept_in_bf16 / entries:.3f} if stored in bfloat16")
     assert changed / entries > 0.999  # every entry whose gradient is not vanishingly small
     assert kept_in_bf16 / entries < 0.5
+
+
+def test_the_update_frees_the_policy_pass_before_the_value_pass(trained, tmp_path):
+    """One process: the policy loss goes back before the value pass runs, so the two passes' activations are
+    never held at once. Measured as the bytes of activations saved for backward that are still alive when
+    the value pass starts: a small share of those the policy pass saved (without the early backward: all)."""
+    recipe, _ = trained
+    trainer = make_trainer(recipe, tmp_path / "work", num_mini_batches=1, num_ppo_epochs=1)
+    rollout = trainer.rollout(trainer._prompt_batch(0))
+    saved: list[tuple[weakref.ref, int]] = []
+    alive_at_value_pass: list[tuple[int, int]] = []  # (bytes still alive, bytes saved so far)
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_leaf:  # activations, not weights
+            saved.append((weakref.ref(tensor), tensor.numel() * tensor.element_size()))
+        return tensor
+
+    values = trainer._values
+
+    def values_noting_what_is_alive(*args, **kwargs):
+        alive_at_value_pass.append((sum(size for ref, size in saved if ref() is not None), sum(s for _, s in saved)))
+        saved.clear()  # the next micro-batch's policy pass is measured on its own
+        return values(*args, **kwargs)
+
+    trainer._values = values_noting_what_is_alive
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        trainer.update(rollout)
+    assert alive_at_value_pass and all(alive < 0.1 * policy_pass for alive, policy_pass in alive_at_value_pass)
 
 
 def test_the_value_head_starts_in_the_units_of_the_normalised_rewards(trained, tmp_path):

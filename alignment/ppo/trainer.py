@@ -368,15 +368,6 @@ class PPOTrainer:
                         aggregation=config.loss_aggregation, num_sequences=num_sequences,
                     )  # fmt: skip
                     loss = policy_loss - config.entropy_coef * entropy / num_tokens
-                    if config.uses_value:
-                        new_values = self._values(ids, row_mask, start)
-                        value_loss, value_clipfrac = core.value_loss(
-                            new_values, rollout.values[rows], returns[rows], response_mask, config.cliprange_value,
-                            num_tokens=num_tokens,
-                        )  # fmt: skip
-                        loss = loss + config.vf_coef * value_loss
-                        totals["loss/value_avg"] += value_loss.detach()
-                        totals["val/clipfrac_avg"] += value_clipfrac * share
                     if config.kl_penalty_in == "loss" and config.uses_reference:  # GRPO's β·KL term
                         kl_loss = core.aggregate(
                             core.kl_penalty(new_logprobs, rollout.reference_logprobs[rows], config.kl_estimator),
@@ -388,6 +379,22 @@ class PPOTrainer:
                         ptx_loss = self._ptx_loss({key: value[part] for key, value in ptx.items()}, ptx["labels"])
                         loss = loss + config.ptx_coef * ptx_loss
                         totals["loss/ptx_avg"] += ptx_loss.detach()
+                    if config.uses_value:
+                        if self.accelerator.num_processes == 1:
+                            # The policy's graph is freed before the value pass builds its own: half the
+                            # update's activation peak, the same gradients (the two adapters share no
+                            # trainable weight). DDP reduces gradients in one backward per step, so there
+                            # the two losses go back together.
+                            self.accelerator.backward(loss)
+                            loss = torch.zeros((), device=self.device)
+                        new_values = self._values(ids, row_mask, start)
+                        value_loss, value_clipfrac = core.value_loss(
+                            new_values, rollout.values[rows], returns[rows], response_mask, config.cliprange_value,
+                            num_tokens=num_tokens,
+                        )  # fmt: skip
+                        loss = loss + config.vf_coef * value_loss
+                        totals["loss/value_avg"] += value_loss.detach()
+                        totals["val/clipfrac_avg"] += value_clipfrac * share
                     self.accelerator.backward(loss)
                     ratio = torch.exp(new_logprobs.detach() - rollout.logprobs[rows])
                     totals["loss/policy_avg"] += policy_loss.detach()
