@@ -10,6 +10,7 @@ Llama-shaped model with random weights (134 M parameters by default):
 - shared 4-bit, upcast: the same with the embeddings and the LM head in float32, as k-bit preparation
   leaves them (the suite keeps them in a 16-bit compute dtype since issue 16 item 4: run with
   `--compute-dtype bfloat16` to see the difference; in float32 the two rows are the same);
+- shared 4-bit, GRPO: the same without the value role (GRPO and RLOO need none);
 - four 4-bit models: the same base loaded four times, one adapter each;
 - four bf16 models: four bf16 copies, one adapter each (quantization off, sharing off);
 - four bf16 models, full fine-tuning: no adapters, policy and value train every weight (the classic
@@ -48,6 +49,7 @@ import torch
 CONFIGURATIONS = {
     "shared-4bit": "one 4-bit base + 4 LoRA adapters",
     "shared-4bit-upcast": "the same, embeddings and LM head in float32 (k-bit preparation alone)",
+    "shared-4bit-grpo": "GRPO/RLOO: one 4-bit base + 3 LoRA adapters (no value role)",
     "separate-4bit": "four 4-bit models, one LoRA adapter each",
     "separate-bf16": "four bf16 models, one LoRA adapter each",
     "separate-bf16-full": "four bf16 models, full fine-tuning (no LoRA)",
@@ -160,10 +162,11 @@ def build_roles(configuration: str, model_dir: Path, lora_rank: int, compute_dty
 
     roles = []
     if configuration.startswith("shared-4bit"):
+        names = [name for name in ROLES if name != "value" or not configuration.endswith("-grpo")]
         model = load()
-        for name in ROLES:
+        for name in names:
             model = attach_adapter(model, name, lora, trainable=name in TRAINABLE_ROLES)
-        for name in ROLES:
+        for name in names:
             head = scalar_head(model, name in TRAINABLE_ROLES) if name in SCALAR_HEAD_ROLES else None
             roles.append(Role(name, model, name, head))
     elif configuration in ("separate-4bit", "separate-bf16"):
