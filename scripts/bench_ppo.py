@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +40,9 @@ from pathlib import Path
 import torch
 from bench_ppo_memory import (
     RESULT_PREFIX,
+    child_result,
     copy_out_of_checkpoint_mapping,
+    machine,
     peak_rss_mib,
     reset_peak_rss,
     rss_mib,
@@ -72,10 +72,9 @@ def model_config(model_dir: Path, quantized: bool):
 
 def trainer_classes():
     """PPOTrainer with per-phase memory marks, and its separate-models variant (imported in the child only)."""
-    from alignment.models.heads import positions_from_mask
     from alignment.models.scoring import token_scores
     from alignment.names import POLICY, VALUE
-    from alignment.ppo.trainer import PPOTrainer, pad_columns, trim_padding
+    from alignment.ppo.trainer import PPOTrainer, pad_columns, response_logits, trim_padding
 
     class MeasuredPPOTrainer(PPOTrainer):
         """Marks the peak RSS of each rollout and update (VmHWM reset before each)."""
@@ -121,14 +120,7 @@ def trainer_classes():
 
         def _response_logits(self, adapter, input_ids, attention_mask, response_start):
             with self.autocast():
-                logits = self.roles[adapter](
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=positions_from_mask(attention_mask),
-                    use_cache=False,
-                    logits_to_keep=input_ids.shape[1] - response_start + 1,
-                ).logits
-            return logits[:, :-1]
+                return response_logits(self.roles[adapter], input_ids, attention_mask, response_start)
 
         def _values(self, input_ids, attention_mask, response_start):
             width = input_ids.shape[1] - response_start
@@ -263,12 +255,7 @@ def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> 
     environment = dict(os.environ)
     if not args.glibc_defaults:  # large buffers from mmap, returned when freed: RSS follows the live tensors
         environment |= {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if completed.returncode != 0 or not lines:
-        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise RuntimeError(f"configuration {configuration} failed (exit code {completed.returncode})")
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+    return child_result(command, environment, configuration)
 
 
 def table(results: list[dict]) -> str:
@@ -354,10 +341,8 @@ def main() -> None:
                 flush=True,
             )
             results.append(result)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(
-        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {device}; "
-        f"torch {torch.__version__}. Peaks are whole-process RSS (imports alone: "
+        f"\n{machine()}. Peaks are whole-process RSS (imports alone: "
         f"{results[0]['rss_after_imports_mib']:,.0f} MiB); episodes/s over iterations 2-{args.iterations}; "
         f"mean response {results[0]['response_tokens']:.1f} tokens.\n"
     )

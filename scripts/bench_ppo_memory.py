@@ -332,6 +332,25 @@ def save_random_llama(model_dir: Path, hidden_size: int, layers: int, vocab_size
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+def machine() -> str:
+    """The machine a benchmark ran on, in one line (both PPO benchmarks print it)."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {device}; "
+        f"torch {torch.__version__}"
+    )
+
+
+def child_result(command: list[str], environment: dict[str, str], configuration: str) -> dict:
+    """Runs one configuration's child process and reads back the JSON line it prints."""
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if completed.returncode != 0 or not lines:
+        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
+        raise RuntimeError(f"configuration {configuration} failed (exit code {completed.returncode})")
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
 def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> dict:
     command = [
         sys.executable,
@@ -354,12 +373,7 @@ def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> 
     # Large buffers always come from mmap and go back to the OS when freed, so that RSS follows the live
     # tensors rather than what glibc's dynamic thresholds happen to keep cached from earlier phases.
     environment = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if completed.returncode != 0 or not lines:
-        sys.stderr.write(completed.stdout + completed.stderr)
-        raise RuntimeError(f"configuration {configuration} failed (exit code {completed.returncode})")
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+    return child_result(command, environment, configuration)
 
 
 def millions(count: int) -> str:
@@ -469,10 +483,8 @@ def main() -> None:
             )
             results.append(result)
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(
-        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {device}; "
-        f"torch {torch.__version__}. Memory columns are above the {results[0]['rss_after_imports_mib']:,.0f} MiB "
+        f"\n{machine()}. Memory columns are above the {results[0]['rss_after_imports_mib']:,.0f} MiB "
         "the process holds after importing torch, transformers, peft and bitsandbytes."
     )
     if not all(result["peak_reset"] for result in results):

@@ -95,6 +95,21 @@ def trim_padding(
     return input_ids[:, first:last], attention_mask[:, first:last], response_start - first
 
 
+def response_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+) -> torch.Tensor:
+    """Logits that predict each response token (positions response_start - 1 … end - 1), and no others:
+    the LM head never runs on the prompt, which for a large vocabulary is most of a pass's memory."""
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=input_ids.shape[1] - response_start + 1,
+    ).logits
+    return logits[:, :-1]
+
+
 def pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
     """Zeros appended on the right up to `width` columns (the response positions a trimmed pass left out)."""
     return torch.nn.functional.pad(values, (0, width - values.shape[1]))
@@ -202,17 +217,8 @@ class PPOTrainer:
     def _response_logits(
         self, adapter: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
     ) -> torch.Tensor:
-        """Logits that predict each response token (positions response_start - 1 … end - 1), and no others:
-        the LM head never runs on the prompt, which for a large vocabulary is most of a pass's memory."""
         with active_adapter(self.unwrapped, adapter), self.autocast():
-            logits = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask),
-                use_cache=False,
-                logits_to_keep=input_ids.shape[1] - response_start + 1,
-            ).logits
-        return logits[:, :-1]
+            return response_logits(self.model, input_ids, attention_mask, response_start)
 
     def _logprobs(
         self,
