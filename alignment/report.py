@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import itertools
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,7 +182,8 @@ def win_rate(outcomes: list[int]) -> WinRate:
     return WinRate(outcomes.count(1), outcomes.count(0), outcomes.count(-1))
 
 
-def compare(first: float | bool, second: float | bool) -> int:
+def outcome(first: float | bool, second: float | bool) -> int:
+    """+1 when the first is better, 0 on a tie, −1 when worse."""
     return (first > second) - (first < second)
 
 
@@ -190,8 +192,6 @@ def compare(first: float | bool, second: float | bool) -> int:
 
 def read_samples(stage_dir: Path) -> dict[str, list[dict]]:
     """Split name → the answers a stage wrote for it (`samples/<split>.jsonl`)."""
-    import json
-
     folder = stage_dir / SAMPLES_DIR
     if not folder.is_dir():
         return {}
@@ -260,14 +260,14 @@ def win_rates(
         (a["correct"], b["correct"]) for a, b in pairs if a.get("correct") is not None and b.get("correct") is not None
     ]
     if gold:
-        results["gold checker"] = win_rate([compare(a, b) for a, b in gold])
+        results["gold checker"] = win_rate([outcome(a, b) for a, b in gold])
     keys = [((a["prompt"], a["response"]), (b["prompt"], b["response"])) for a, b in pairs]
     missing = sorted({key for pair in keys for key in pair if key not in rewards})
     if missing and scorer is not None:
         rewards = rewards | dict(zip(missing, scorer(missing), strict=True))
         missing = []
     if keys and not missing:
-        results["reward model"] = win_rate([compare(rewards[a], rewards[b]) for a, b in keys])
+        results["reward model"] = win_rate([outcome(rewards[a], rewards[b]) for a, b in keys])
     return results
 
 
