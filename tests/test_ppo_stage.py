@@ -349,17 +349,54 @@ def test_an_attention_reward_head_becomes_the_value_head_and_reads_left_padded_r
         torch.testing.assert_close(trainer._values(changed, mask, width)[:, :2], batched[:, :2], atol=1e-5, rtol=0)
 
 
-def test_reward_source_is_exactly_one_of_stage_function_or_model(tmp_path):
+def test_reward_sources_are_validated_by_name(tmp_path):
     raw = pipeline(tmp_path / "run")
-    raw["stages"][2]["reward_model"] = {"name_or_path": "some/reward-model"}
-    with pytest.raises(RecipeError, match="exactly one of reward_from .*, reward_function or reward_model"):
+    ppo = raw["stages"][2]
+    del ppo["reward_from"]
+    with pytest.raises(RecipeError, match="give a reward: reward_from"):
         validate_recipe(raw)
-    del raw["stages"][2]["reward_from"]
+    ppo["reward_model"] = {"name_or_path": "some/reward-model"}
     with pytest.raises(RecipeError, match="value_from: reward needs reward_from"):
         validate_recipe(raw)
-    raw["stages"][2]["value_from"] = "policy"
+    ppo["value_from"] = "policy"
     spec = validate_recipe(raw).stage("ppo")
     assert spec.reward_model.name_or_path == "some/reward-model" and spec.reward_model.chat_template == "tokenizer"
+    ppo |= {"reward_from": "reward", "reward_function": [CHECKER, "alignment.evaluation.checkers:gsm8k_reward"]}
+    ppo["reward_weights"] = {"exact_match_reward": 0.5, "gsm8k": 2.0}
+    with pytest.raises(RecipeError, match=r"reward_weights\.gsm8k.*no reward source is called 'gsm8k'.*gsm8k_reward"):
+        validate_recipe(raw)
+    ppo["reward_weights"] = {"exact_match_reward": 0.5, "gsm8k_reward": 2.0}
+    spec = validate_recipe(raw).stage("ppo")
+    assert spec.reward_source_names() == ["reward", "reward_model", "exact_match_reward", "gsm8k_reward"]
+    ppo["reward_function"] = [CHECKER, CHECKER]
+    with pytest.raises(RecipeError, match="two reward sources have one name"):
+        validate_recipe(raw)
+
+
+def test_a_weighted_sum_of_a_reward_model_and_a_checker_logs_each_source(trained, tmp_path):
+    """reward_from + reward_function with weights: the reward is the normalised reward-model score plus
+    half the checker's, and each source is logged on its own, in training and in the evaluation."""
+    _, prepared = trained
+    run_dir = tmp_path / "run"
+    for stage in ("sft", "reward"):
+        shutil.copytree(prepared / stage, run_dir / stage)
+    raw = pipeline(run_dir, {"num_iterations": 1}, reward_function=CHECKER, reward_weights={"exact_match_reward": 0.5})
+    metrics = run_recipe(validate_recipe(raw), only=["ppo"])["ppo"]
+    for split in ("eval", "eval_initial"):
+        reward_model, checker = metrics[f"{split}/reward/reward"], metrics[f"{split}/reward/exact_match_reward"]
+        assert checker == pytest.approx(metrics[f"{split}/exact_match"])  # the checker's own mean is gold accuracy
+        assert metrics[f"{split}/reward_score"] == pytest.approx(reward_model + 0.5 * checker, abs=1e-5)
+    history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert {"objective/reward/reward", "objective/reward/exact_match_reward"} <= set(history[0])
+    assert 0 <= history[0]["objective/reward/exact_match_reward"] <= 1
+    assert history[0]["objective/raw_scores"] == pytest.approx(
+        history[0]["objective/reward/reward"] + 0.5 * history[0]["objective/reward/exact_match_reward"], abs=1e-5
+    )
+    # The reward model's part is in its normalised units: the module's run (the reward model alone)
+    # scored the same greedy initial answers raw.
+    alone = json.loads((prepared / "ppo" / "metrics.json").read_text())["eval_initial/reward_score"]
+    stats = json.loads((run_dir / "reward" / "reward_stats.json").read_text())
+    assert metrics["eval_initial/reward/reward"] == pytest.approx((alone - stats["mean"]) / stats["std"], abs=1e-4)
 
 
 def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(trained, tmp_path):
@@ -459,6 +496,7 @@ def run_ppo_stage(run_dir: Path, recipe_path: Path) -> subprocess.Popen:
     )
 
 
+CHECKER = "alignment.evaluation.checkers:exact_match_reward"
 CRITIC_FREE = {"advantage_estimator": "grpo", "samples_per_prompt": 2, "rollout_batch_size": 4}
 
 

@@ -165,6 +165,20 @@ def function_reward(function: Callable, references: dict[str, str]) -> RewardSou
     return score
 
 
+class WeightedReward:
+    """Several reward sources as one: the weighted sum of their scores (a reward model and a format or
+    answer checker, say). Each source's own scores of the last call stay in `components`, so that each
+    is logged on its own."""
+
+    def __init__(self, sources: dict[str, tuple[RewardSource, float]]):
+        self.sources = sources
+        self.components: dict[str, torch.Tensor] = {}
+
+    def __call__(self, responses: Responses) -> torch.Tensor:
+        self.components = {name: source(responses).float().cpu() for name, (source, _) in self.sources.items()}
+        return sum(weight * self.components[name] for name, (_, weight) in self.sources.items())
+
+
 # --- The reward model's files -----------------------------------------------------------------
 
 

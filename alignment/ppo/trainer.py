@@ -71,6 +71,7 @@ class Rollout:
     kl_coef: float  # β when the rollout was scored
     advantages: torch.Tensor  # A_t (whitened when the config says so)
     returns: torch.Tensor  # R_t = A_t + V_old(s_t), before whitening
+    reward_components: dict[str, torch.Tensor]  # each source's own scores when the reward is a weighted sum
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -333,7 +334,7 @@ class PPOTrainer:
         return Rollout(
             input_ids[:, :start], attention_mask[:, :start], input_ids[:, start:], mask, ended,
             logprobs, reference_logprobs, values, scores, raw_scores, sampled.texts, sampled.prompts, gold,
-            kl, kl_coef, advantages, returns,
+            kl, kl_coef, advantages, returns, dict(getattr(self.reward, "components", {})),
         )  # fmt: skip
 
     # ---- update -------------------------------------------------------------------------------
@@ -421,6 +422,7 @@ class PPOTrainer:
             "objective/entropy": (-rollout.logprobs * mask).sum(1).mean().item(),
             "objective/scores": rollout.scores.mean().item(),
             "objective/raw_scores": rollout.raw_scores.mean().item(),
+            **{f"objective/reward/{name}": scores.mean().item() for name, scores in rollout.reward_components.items()},
             "val/num_eos_tokens": float(rollout.contains_eos.sum().item()),
             "val/mean_response_length": mask.sum(1).float().mean().item(),
             "kl_coef": kl_coef,

@@ -26,6 +26,8 @@ from alignment.models.heads import ScalarHead, affine_head, read_reward_stats, s
 from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer, use_adapter
 from alignment.models.precision import compute_dtype
 from alignment.models.scoring import (
+    RewardSource,
+    WeightedReward,
     adapter_reward,
     function_reward,
     load_reward_role,
@@ -33,6 +35,7 @@ from alignment.models.scoring import (
     separate_model_reward,
 )
 from alignment.names import EVAL_INITIAL, LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE
+from alignment.ppo import core
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.schema import DataSpec, GenerationEvalConfig, ModelConfig, StageSpec
@@ -55,9 +58,11 @@ class RewardModelConfig(ModelConfig):
 @dataclass
 class PPOStageSpec(StageSpec):
     init_from: str = ""  # the SFT stage: its adapter starts the policy and is the frozen reference
-    reward_from: str | None = None  # the reward stage (adapter + head), or...
-    reward_function: str | None = None  # ...a Python reward `module:function(prompts, responses, references)`
-    reward_model: RewardModelConfig | None = None  # ...or a separate sequence-classification model
+    # The reward: one source or a weighted sum of several (each logged on its own as `reward/<name>`):
+    reward_from: str | None = None  # the reward stage (adapter + head); named by the stage's name
+    reward_function: str | list[str] | None = None  # Python `module:function(prompts, responses, references)`
+    reward_model: RewardModelConfig | None = None  # a separate sequence-classification model: `reward_model`
+    reward_weights: dict[str, float] = field(default_factory=dict)  # source name → weight (1.0 if absent)
     value_from: Literal["reward", "policy"] = "reward"
     ptx_data: DataSpec | None = None  # PPO-ptx: SFT data whose loss is mixed in (args.ptx_coef)
     evaluation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
@@ -65,15 +70,33 @@ class PPOStageSpec(StageSpec):
     def __post_init__(self) -> None:
         if not self.init_from:
             raise RecipeError("init_from", "a ppo stage needs init_from: <the sft stage>")
-        sources = [self.reward_from, self.reward_function, self.reward_model]
-        if sum(source is not None for source in sources) != 1:
+        names = self.reward_source_names()
+        if not names:
             raise RecipeError(
                 "reward_from",
-                "give exactly one of reward_from (a reward stage), reward_function or reward_model",
+                "give a reward: reward_from (a reward stage), reward_function or reward_model (several are summed, "
+                "weighted by reward_weights)",
             )
+        if len(set(names)) != len(names):
+            raise RecipeError("reward_function", f"two reward sources have one name: {names}; each must differ")
+        for name in self.reward_weights:
+            if name not in names:
+                raise RecipeError(f"reward_weights.{name}", f"no reward source is called {name!r}; sources: {names}")
         critic_free = self.args.get("advantage_estimator", "gae") != "gae"  # no value role to start
         if self.value_from == "reward" and self.reward_from is None and not critic_free:
             raise RecipeError("value_from", "value_from: reward needs reward_from; use value_from: policy")
+
+    def reward_source_names(self) -> list[str]:
+        """Each source's name, the key of its weight and of its metric: the reward stage's name,
+        `reward_model`, and each function's own name."""
+        return (
+            ([self.reward_from] if self.reward_from else [])
+            + (["reward_model"] if self.reward_model else [])
+            + [path.rpartition(":")[2] for path in self.reward_functions()]
+        )
+
+    def reward_functions(self) -> list[str]:
+        return [self.reward_function] if isinstance(self.reward_function, str) else list(self.reward_function or [])
 
     def depends_on(self) -> list[str]:
         return [name for name in (self.init_from, self.reward_from) if name]
@@ -191,20 +214,32 @@ class PPOStage(Stage):
         model = load_base_model(recipe.model)
         model = attach_adapter(model, POLICY, from_path=sft_dir, trainable=True)
         model = attach_adapter(model, REFERENCE, from_path=sft_dir, trainable=False)
+        config = PPOConfig(**spec.args)
+        sources: list[RewardSource] = []
         reward_stats = None
         if spec.reward_from:
             reward_dir = self.require_stage(spec.reward_from)
             model, reward_head = load_reward_role(model, reward_dir)
-            reward = adapter_reward(model, reward_head, tokenizer)
+            sources.append(adapter_reward(model, reward_head, tokenizer))
             reward_stats = read_reward_stats(reward_dir)
-        elif spec.reward_model:
-            reward = separate_model_reward(*load_reward_model(spec.reward_model), policy_tokenizer=tokenizer)
-        else:
+        if spec.reward_model:
+            sources.append(separate_model_reward(*load_reward_model(spec.reward_model), policy_tokenizer=tokenizer))
+        if spec.reward_functions():
             references = {
                 row["prompt"][-1]["content"]: row["reference"] for split in data.splits.values() for row in split
             }
-            reward = function_reward(import_function(spec.reward_function), references)
-        config = PPOConfig(**spec.args)
+            sources += [function_reward(import_function(path), references) for path in spec.reward_functions()]
+        names = spec.reward_source_names()
+        if len(sources) == 1 and not spec.reward_weights:
+            reward, trainer_reward_stats = sources[0], reward_stats  # the trainer normalises a reward model's scores
+        else:  # each reward model's scores normalised before the weighted sum, so weights compare like units
+            if reward_stats and config.normalize_reward:
+                reward_model, mean, std = sources[0], reward_stats["mean"], reward_stats["std"]
+                sources[0] = lambda responses: core.normalize_scores(reward_model(responses), mean, std)
+            weighted = {
+                name: (source, spec.reward_weights.get(name, 1.0)) for name, source in zip(names, sources, strict=True)
+            }
+            reward, trainer_reward_stats = WeightedReward(weighted), None
         if not config.uses_value:  # grpo, rloo: no value role at all
             value_head = None
         elif spec.value_from == "reward":
@@ -222,7 +257,8 @@ class PPOStage(Stage):
         for parameter in model.parameters():
             if parameter.requires_grad:  # float32 master weights; the forward passes run under autocast
                 parameter.data = parameter.data.float()
-        return model, value_head.float().requires_grad_(True) if value_head else None, reward, reward_stats
+        value_head = value_head.float().requires_grad_(True) if value_head else None
+        return model, value_head, reward, trainer_reward_stats
 
     def initial_evaluation(self, trainer: PPOTrainer, split: Any, tracker: Tracker) -> dict[str, float]:
         """The SFT policy's answers before any update, kept in the work folder so a resumed run reuses them."""
@@ -248,9 +284,12 @@ class PPOStage(Stage):
         texts = [text for batch in batches for text in batch.texts]
         metrics, rows = score_answers(examples, texts, name)
         rewards, lengths, ended, kls = [], [], [], []
+        components: dict[str, list[float]] = {}
         for batch in batches:
             with torch.no_grad(), trainer.autocast():
                 rewards += trainer.reward(batch).float().tolist()
+            for source, scores in getattr(trainer.reward, "components", {}).items():
+                components.setdefault(source, []).extend(scores.tolist())
             lengths += batch.response_mask.sum(1).tolist()
             ended += batch.ended.tolist()
             if config.temperature > 0:
@@ -262,6 +301,7 @@ class PPOStage(Stage):
         }
         if kls:
             metrics[f"{name}/kl"] = sum(kls) / len(kls)
+        metrics |= {f"{name}/reward/{source}": sum(scores) / len(scores) for source, scores in components.items()}
         rows = [
             row + [reward, done, length]
             for row, reward, done, length in zip(rows, rewards, ended, lengths, strict=True)
