@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ALIGNMENT_SHARED", ROOT.parent / "shared"))
@@ -29,7 +30,10 @@ SMOLLM2_SCRIPT = SHARED / "models" / "smollm2-135m.sh"
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder, made offline once by the shared script (about a minute)."""
     need_shared(SMOLLM2_SCRIPT)
-    made = subprocess.run(["bash", str(SMOLLM2_SCRIPT)], capture_output=True, text=True, timeout=1200)
+    lock = Path.home() / ".cache" / "alignment-test-models" / "smollm2.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock):  # pytest workers side by side: one makes the folder, the others find it made
+        made = subprocess.run(["bash", str(SMOLLM2_SCRIPT)], capture_output=True, text=True, timeout=1200)
     if made.returncode != 0:
         reason = (made.stderr.strip().splitlines() or ["no output"])[-1]
         pytest.skip(f"SmolLM2-135M-Instruct could not be made by {SMOLLM2_SCRIPT}: {reason}")
