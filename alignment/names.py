@@ -17,3 +17,16 @@ SAMPLES_DIR = "samples"  # generated answers, one `<split>.jsonl` per evaluated 
 EVAL_INITIAL = "eval_initial"  # a PPO stage's answers of its starting policy, on its `eval` prompts
 SCORE_HEAD_FILE = "score_head.safetensors"  # a PPO stage's value head (a reward stage's head is in its adapter)
 REWARD_STATS_FILE = "reward_stats.json"  # {"mean", "std", "count"} of rewards over the training prompts
+
+
+# The RL stage's reward sources, each named for its weight (`reward_weights`) and its metrics (`reward/<name>`).
+REWARD_MODEL_SOURCE = "reward_model"  # a separate sequence-classification model
+
+
+def reward_source_names(reward_from: str | None, reward_model: object, reward_functions: list[str]) -> list[str]:
+    """The reward stage's own name, `reward_model`, and each `module:function`'s function name."""
+    return (
+        ([reward_from] if reward_from else [])
+        + ([REWARD_MODEL_SOURCE] if reward_model else [])
+        + [path.rpartition(":")[2] for path in reward_functions]
+    )

@@ -28,7 +28,7 @@ from typing import Any
 from alignment.compare import completed_stages
 from alignment.data.build import EVAL
 from alignment.io import read_json, write_bytes, write_text
-from alignment.names import EVAL_INITIAL, LOG_HISTORY, RESOLVED_RECIPE, SAMPLES_DIR
+from alignment.names import EVAL_INITIAL, LOG_HISTORY, RESOLVED_RECIPE, SAMPLES_DIR, reward_source_names
 from alignment.recipes.schema import Recipe, StageSpec
 from alignment.stages.base import to_plain
 from alignment.tracking import Tracker
@@ -37,6 +37,7 @@ REPORT = "report"  # the W&B run's job type and name, and its keys' prefix
 REPORT_MD, REPORT_HTML, REPORT_FILES = "report.md", "report.html", "report_files"
 POLICY_STAGE_TYPES = ("sft", "dpo", "ppo")  # stages whose output is a policy that writes answers
 SAMPLE_ROWS = 8  # answers shown side by side per split
+REWARD_MODEL_JUDGE = "reward model"  # the win-rate judge when the rewards are a reward model's scores
 
 # Training curves per stage type: (panel title, keys of the training log); the x axis is the log's step.
 CURVES: dict[str, list[tuple[str, list[str]]]] = {
@@ -251,10 +252,25 @@ def known_rewards(samples: dict[str, dict[str, list[dict]]]) -> dict[tuple[str, 
     }
 
 
+def reward_judge(stage: dict, name: str) -> str:
+    """What a stage's `reward` column is: a reward model's score, or (PPO against a checker, or a weighted
+    sum with one) its reward sources by name, so a checker's reward is not reported as a reward model's."""
+    spec = next((item for item in stage["recipe"].get("stages", []) if item.get("name") == name), {})
+    functions = spec.get("reward_function") or []
+    functions = [functions] if isinstance(functions, str) else functions
+    if not functions:
+        return REWARD_MODEL_JUDGE
+    return f"reward ({' + '.join(reward_source_names(spec.get('reward_from'), spec.get('reward_model'), functions))})"
+
+
 def win_rates(
-    pairs: list[tuple[dict, dict]], rewards: dict[tuple[str, str], float], scorer: Scorer | None
+    pairs: list[tuple[dict, dict]],
+    rewards: dict[tuple[str, str], float],
+    scorer: Scorer | None,
+    reward_judge: str = REWARD_MODEL_JUDGE,
 ) -> dict[str, WinRate]:
-    """Judge → win rate of the first row of each pair against the second."""
+    """Judge → win rate of the first row of each pair against the second: the gold checker, and the
+    rewards the samples carry (named `reward_judge`) or, where they carry none, the reward model's."""
     results = {}
     gold = [
         (a["correct"], b["correct"]) for a, b in pairs if a.get("correct") is not None and b.get("correct") is not None
@@ -265,9 +281,9 @@ def win_rates(
     missing = sorted({key for pair in keys for key in pair if key not in rewards})
     if missing and scorer is not None:
         rewards = rewards | dict(zip(missing, scorer(missing), strict=True))
-        missing = []
+        missing, reward_judge = [], REWARD_MODEL_JUDGE
     if keys and not missing:
-        results["reward model"] = win_rate([outcome(rewards[a], rewards[b]) for a, b in keys])
+        results[reward_judge] = win_rate([outcome(rewards[a], rewards[b]) for a, b in keys])
     return results
 
 
@@ -401,7 +417,7 @@ def build_report(run_dir: Path, reward_dir: Path | None = None) -> tuple[Documen
         )
         rows = []
         for split, pairs in common.items():
-            for judge, result in win_rates(pairs, rewards, scorer).items():
+            for judge, result in win_rates(pairs, rewards, scorer, reward_judge(stage, name)).items():
                 numbers["win_rates"].setdefault(name, {}).setdefault(split, {})[judge] = result
                 rows.append([split] + result.row(judge))
         doc.table(["split", "judge", "prompts", "wins", "ties", "losses", "win rate"], rows)

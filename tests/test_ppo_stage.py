@@ -397,6 +397,9 @@ def test_a_weighted_sum_of_a_reward_model_and_a_checker_logs_each_source(trained
     alone = json.loads((prepared / "ppo" / "metrics.json").read_text())["eval_initial/reward_score"]
     stats = json.loads((run_dir / "reward" / "reward_stats.json").read_text())
     assert metrics["eval_initial/reward/reward"] == pytest.approx((alone - stats["mean"]) / stats["std"], abs=1e-4)
+    # The report names the judge by its sources: the samples' reward is this sum, not a reward model's.
+    _, _, numbers = write_report(run_dir)
+    assert set(numbers["win_rates"]["ppo"]["eval"]) == {"gold checker", "reward (reward + exact_match_reward)"}
 
 
 def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(trained, tmp_path):
@@ -600,6 +603,8 @@ def test_shipped_toy_ppo_checker_recipe_gains_ten_points_over_early_sft(tmp_path
     _, _, numbers = write_report(tmp_path)
     gold = numbers["win_rates"]["ppo"]["eval"]["gold checker"]
     assert gold.count == 280 and (gold.wins - gold.losses) / gold.count == pytest.approx(gain)
+    # The samples' rewards are the checker's, named so (not "reward model"), and judge as the gold checker does.
+    assert numbers["win_rates"]["ppo"]["eval"]["reward (exact_match_reward)"] == gold
 
 
 def make_trainer(recipe, work_dir: Path, compute_dtype: str = "float32", **args) -> PPOTrainer:

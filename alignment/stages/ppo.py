@@ -34,7 +34,7 @@ from alignment.models.scoring import (
     read_score_head,
     separate_model_reward,
 )
-from alignment.names import EVAL_INITIAL, LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE
+from alignment.names import EVAL_INITIAL, LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE, reward_source_names
 from alignment.ppo import core
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.trainer import PPOTrainer
@@ -89,11 +89,7 @@ class PPOStageSpec(StageSpec):
     def reward_source_names(self) -> list[str]:
         """Each source's name, the key of its weight and of its metric: the reward stage's name,
         `reward_model`, and each function's own name."""
-        return (
-            ([self.reward_from] if self.reward_from else [])
-            + (["reward_model"] if self.reward_model else [])
-            + [path.rpartition(":")[2] for path in self.reward_functions()]
-        )
+        return reward_source_names(self.reward_from, self.reward_model, self.reward_functions())
 
     def reward_functions(self) -> list[str]:
         return [self.reward_function] if isinstance(self.reward_function, str) else list(self.reward_function or [])
