@@ -72,6 +72,8 @@ def export_stage(
     """Writes the stage as a Hugging Face model folder (atomically) and optionally pushes it to the hub."""
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
     manifest = _check_stage(stage_dir)
+    if push_to_hub:
+        _require_hub_login(push_to_hub)  # before the merge, not after minutes of it
     model = _merged(stage_dir, "reward" if manifest["type"] == "reward" else "policy", torch_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))  # with the chat template used in training
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -85,6 +87,31 @@ def export_stage(
             Path(tmp) / EXPORT_FILE, {"stage": str(stage_dir.resolve()), "type": manifest["type"], "dtype": dtype}
         )
     if push_to_hub:
-        model.push_to_hub(push_to_hub)
-        tokenizer.push_to_hub(push_to_hub)
+        push_folder(out_dir, push_to_hub)
     return out_dir
+
+
+def _require_hub_login(repo: str) -> None:
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise ExportError(
+            f"--push-to-hub {repo}: not logged in to the Hugging Face Hub; run `hf auth login` (or set HF_TOKEN) "
+            "and export again, or export without --push-to-hub and upload the folder later"
+        )
+
+
+def push_folder(folder: Path, repo: str) -> None:
+    """Uploads the exported folder as it is on disk (what was checked locally is what is served), creating
+    the model repo if it does not exist."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, repo_type="model", exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message=f"alignment export of {folder.name}")
+    except Exception as error:  # network, permissions, a malformed repo id: all end the same way for the user
+        raise ExportError(
+            f"could not push {folder} to the hub repo {repo}: {type(error).__name__}: {error}. The exported model "
+            f"is complete in {folder}; upload it when the hub is reachable: `hf upload {repo} {folder}`"
+        ) from None

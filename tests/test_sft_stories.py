@@ -189,3 +189,30 @@ def test_export_refuses_an_incomplete_stage_with_how_to_finish_it(stories_run, t
     assert "did not complete" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert cli.main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "not a stage output folder" in capsys.readouterr().err
+
+
+def test_push_to_hub_refuses_without_a_login_before_exporting(stories_run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no stored login
+    output_dir, _ = stories_run
+    assert cli.main(["export", str(output_dir / "sft"), str(tmp_path / "out"), "--push-to-hub", "me/model"]) == 2
+    error = capsys.readouterr().err
+    assert "not logged in to the Hugging Face Hub" in error and "hf auth login" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_push_says_so_and_leaves_the_exported_model_complete(stories_run, tmp_path, monkeypatch, capsys):
+    """Logged in, but the hub cannot be reached (an endpoint where nothing listens): the real client fails,
+    the error names the repo and how to upload later, and the exported folder is whole and loads."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    output_dir, _ = stories_run
+    out = tmp_path / "out"
+    assert cli.main(["export", str(output_dir / "sft"), str(out), "--push-to-hub", "me/model"]) == 2
+    error = capsys.readouterr().err
+    assert "could not push" in error and "me/model" in error and f"hf upload me/model {out}" in error
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.model_type == "llama"
