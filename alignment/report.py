@@ -39,7 +39,8 @@ POLICY_STAGE_TYPES = ("sft", "dpo", "ppo")  # stages whose output is a policy th
 SAMPLE_ROWS = 8  # answers shown side by side per split
 REWARD_MODEL_JUDGE = "reward model"  # the win-rate judge when the rewards are a reward model's scores
 
-# Training curves per stage type: (panel title, keys of the training log); the x axis is the log's step.
+# Training curves per stage type: (panel title, keys of the training log, `prefix/*` for every key under
+# the prefix); the x axis is the log's step.
 CURVES: dict[str, list[tuple[str, list[str]]]] = {
     "sft": [("loss", ["loss", "eval_loss"]), ("token accuracy", ["mean_token_accuracy", "eval_mean_token_accuracy"])],
     "reward": [("loss", ["loss", "eval_loss"]), ("pair accuracy", ["accuracy"]), ("margin", ["margin"])],
@@ -49,7 +50,8 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
         ("reward margin", ["rewards/margins", "eval_rewards/margins"]),
     ],
     "ppo": [
-        ("reward-model score", ["objective/scores"]),
+        ("score (the reward)", ["objective/scores"]),
+        ("reward sources (a weighted sum's parts)", ["objective/reward/*"]),
         ("KL to the SFT policy", ["objective/kl"]),
         ("entropy", ["policy/entropy_avg"]),
         ("clip fraction", ["policy/clipfrac_avg"]),
@@ -297,7 +299,11 @@ def curves_png(history: list[dict], panels: list[tuple[str, list[str]]], title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = [(name, [key for key in keys if any(key in row for row in history)]) for name, keys in panels]
+    logged = list(dict.fromkeys(key for row in history for key in row))
+    present = [
+        (name, [key for pattern in keys for key in logged if key == pattern or _under(key, pattern)])
+        for name, keys in panels
+    ]
     present = [(name, keys) for name, keys in present if keys]
     if not present:
         return None
@@ -446,6 +452,10 @@ def build_report(run_dir: Path, reward_dir: Path | None = None) -> tuple[Documen
     doc.heading(2, "Resolved recipe")
     doc.code((run_dir / list(stages)[-1] / RESOLVED_RECIPE).read_text())
     return doc, numbers
+
+
+def _under(key: str, pattern: str) -> bool:
+    return pattern.endswith("/*") and key.startswith(pattern[:-1])
 
 
 def _splits(stage: dict) -> set[str]:

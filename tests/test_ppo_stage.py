@@ -32,7 +32,7 @@ from alignment.ppo import core
 from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
-from alignment.report import write_report
+from alignment.report import curves_png, write_report
 from alignment.runner import make_stage, run_recipe
 from alignment.tracking import Tracker, read_offline_run
 
@@ -400,6 +400,9 @@ def test_a_weighted_sum_of_a_reward_model_and_a_checker_logs_each_source(trained
     # The report names the judge by its sources: the samples' reward is this sum, not a reward model's.
     _, _, numbers = write_report(run_dir)
     assert set(numbers["win_rates"]["ppo"]["eval"]) == {"gold checker", "reward (reward + exact_match_reward)"}
+    panel = [("reward sources", ["objective/reward/*"])]  # every source's curve, whatever its name
+    assert curves_png(history, panel, "ppo").startswith(b"\x89PNG")
+    assert curves_png([{"iteration": 1, "objective/scores": 0.5}], panel, "ppo") is None
 
 
 def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(trained, tmp_path):
