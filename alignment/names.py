@@ -23,10 +23,17 @@ REWARD_STATS_FILE = "reward_stats.json"  # {"mean", "std", "count"} of rewards o
 REWARD_MODEL_SOURCE = "reward_model"  # a separate sequence-classification model
 
 
-def reward_source_names(reward_from: str | None, reward_model: object, reward_functions: list[str]) -> list[str]:
+def reward_functions(reward_function: str | list[str] | None) -> list[str]:
+    """`reward_function` as a list: a recipe gives one `module:function`, a list of them, or none."""
+    return [reward_function] if isinstance(reward_function, str) else list(reward_function or [])
+
+
+def reward_source_names(
+    reward_from: str | None, reward_model: object, reward_function: str | list[str] | None
+) -> list[str]:
     """The reward stage's own name, `reward_model`, and each `module:function`'s function name."""
     return (
         ([reward_from] if reward_from else [])
         + ([REWARD_MODEL_SOURCE] if reward_model else [])
-        + [path.rpartition(":")[2] for path in reward_functions]
+        + [path.rpartition(":")[2] for path in reward_functions(reward_function)]
     )

@@ -258,11 +258,10 @@ def reward_judge(stage: dict, name: str) -> str:
     """What a stage's `reward` column is: a reward model's score, or (PPO against a checker, or a weighted
     sum with one) its reward sources by name, so a checker's reward is not reported as a reward model's."""
     spec = next((item for item in stage["recipe"].get("stages", []) if item.get("name") == name), {})
-    functions = spec.get("reward_function") or []
-    functions = [functions] if isinstance(functions, str) else functions
-    if not functions:
+    if not spec.get("reward_function"):
         return REWARD_MODEL_JUDGE
-    return f"reward ({' + '.join(reward_source_names(spec.get('reward_from'), spec.get('reward_model'), functions))})"
+    sources = reward_source_names(spec.get("reward_from"), spec.get("reward_model"), spec.get("reward_function"))
+    return f"reward ({' + '.join(sources)})"
 
 
 def win_rates(

@@ -34,7 +34,16 @@ from alignment.models.scoring import (
     read_score_head,
     separate_model_reward,
 )
-from alignment.names import EVAL_INITIAL, LOG_HISTORY, POLICY, REFERENCE, SAMPLES_DIR, VALUE, reward_source_names
+from alignment.names import (
+    EVAL_INITIAL,
+    LOG_HISTORY,
+    POLICY,
+    REFERENCE,
+    SAMPLES_DIR,
+    VALUE,
+    reward_functions,
+    reward_source_names,
+)
 from alignment.ppo import core
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.trainer import PPOTrainer
@@ -89,10 +98,7 @@ class PPOStageSpec(StageSpec):
     def reward_source_names(self) -> list[str]:
         """Each source's name, the key of its weight and of its metric: the reward stage's name,
         `reward_model`, and each function's own name."""
-        return reward_source_names(self.reward_from, self.reward_model, self.reward_functions())
-
-    def reward_functions(self) -> list[str]:
-        return [self.reward_function] if isinstance(self.reward_function, str) else list(self.reward_function or [])
+        return reward_source_names(self.reward_from, self.reward_model, self.reward_function)
 
     def depends_on(self) -> list[str]:
         return [name for name in (self.init_from, self.reward_from) if name]
@@ -220,11 +226,11 @@ class PPOStage(Stage):
             reward_stats = read_reward_stats(reward_dir)
         if spec.reward_model:
             sources.append(separate_model_reward(*load_reward_model(spec.reward_model), policy_tokenizer=tokenizer))
-        if spec.reward_functions():
+        if functions := reward_functions(spec.reward_function):
             references = {
                 row["prompt"][-1]["content"]: row["reference"] for split in data.splits.values() for row in split
             }
-            sources += [function_reward(import_function(path), references) for path in spec.reward_functions()]
+            sources += [function_reward(import_function(path), references) for path in functions]
         names = spec.reward_source_names()
         if len(sources) == 1 and not spec.reward_weights:
             reward, trainer_reward_stats = sources[0], reward_stats  # the trainer normalises a reward model's scores
