@@ -6,6 +6,8 @@ differs:
 
 - shared-4bit (ours): one 4-bit base with the policy, reference, reward and value adapters, as the
   PPO stage builds it;
+- shared-4bit-adapter-sampling: ours before `merged_sampling` (the default since the fifteenth
+  session): sampling token by token through the 4-bit base and the adapters;
 - shared-float32 (ours with `quantization: {mode: none}`): the same on one float32 base;
 - separate-4bit: four 4-bit models, one LoRA adapter each (policy and value train theirs);
 - separate-float32: four float32 models, policy and value fully fine-tuned (the classic set-up).
@@ -52,6 +54,7 @@ from bench_ppo_memory import (
 
 CONFIGURATIONS = {
     "shared-4bit": "ours: one 4-bit base + 4 LoRA adapters",
+    "shared-4bit-adapter-sampling": "ours, sampling through the adapters (merged_sampling: false)",
     "shared-float32": "ours unquantized: one float32 base + 4 LoRA adapters",
     "separate-4bit": "four 4-bit models, one LoRA adapter each",
     "separate-float32": "four float32 models, policy and value fully fine-tuned",
@@ -62,11 +65,15 @@ PHASES = ("rollout", "update")
 # Child: one configuration in its own process
 
 
-def model_config(model_dir: Path, quantized: bool):
+def is_quantized(configuration: str) -> bool:
+    return "4bit" in configuration
+
+
+def model_config(model_dir: Path, quantized: bool, compute_dtype: str = "auto"):
     from alignment.recipes.schema import ModelConfig, QuantizationConfig
 
     if quantized:  # the suite's defaults: NF4, double quantization, compute dtype from the hardware
-        return ModelConfig(str(model_dir), quantization=QuantizationConfig())
+        return ModelConfig(str(model_dir), quantization=QuantizationConfig(compute_dtype=compute_dtype))
     return ModelConfig(str(model_dir), dtype="float32", quantization=QuantizationConfig(mode="none"))
 
 
@@ -133,7 +140,7 @@ def trainer_classes():
     return MeasuredPPOTrainer, SeparateRolesTrainer
 
 
-def build(configuration: str, model_dir: Path, lora_rank: int):
+def build(configuration: str, model_dir: Path, lora_rank: int, compute_dtype: str):
     """(policy model or shared model, {role: model} for separate roles or None, reward head, value head)."""
     from alignment.models.heads import ScalarHead
     from alignment.models.loading import attach_adapter, load_base_model, use_adapter
@@ -142,10 +149,10 @@ def build(configuration: str, model_dir: Path, lora_rank: int):
 
     lora = LoraSettings(r=lora_rank, alpha=lora_rank, dropout=0.0)
     trainable = {POLICY: True, REFERENCE: False, REWARD: False, VALUE: True}
-    quantized = configuration.endswith("4bit")
+    quantized = is_quantized(configuration)
 
     def load() -> torch.nn.Module:
-        model = load_base_model(model_config(model_dir, quantized))
+        model = load_base_model(model_config(model_dir, quantized, compute_dtype))
         copy_out_of_checkpoint_mapping(model, model_dir / "model.safetensors")
         return model
 
@@ -202,7 +209,7 @@ def child(configuration: str, model_dir: Path, args: argparse.Namespace) -> dict
     measured_trainer, separate_trainer = trainer_classes()
     rss_after_imports = rss_mib()
     started = time.perf_counter()
-    model, roles, reward_head, value_head = build(configuration, model_dir, args.lora_rank)
+    model, roles, reward_head, value_head = build(configuration, model_dir, args.lora_rank, args.compute_dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     reward_model = roles[REWARD] if roles else model
     reward = adapter_reward(reward_model, reward_head, tokenizer)
@@ -211,8 +218,9 @@ def child(configuration: str, model_dir: Path, args: argparse.Namespace) -> dict
         num_mini_batches=args.num_mini_batches, num_ppo_epochs=args.num_ppo_epochs,
         max_new_tokens=args.max_new_tokens, temperature=1.0, missing_eos_penalty=None,
         learning_rate=1e-5, save_steps=None, sample_table_steps=None, normalize_reward=False,
+        merged_sampling=not configuration.endswith("adapter-sampling"),
     )  # fmt: skip
-    compute_dtype = precision.compute_dtype(model_config(model_dir, configuration.endswith("4bit")))
+    compute_dtype = precision.compute_dtype(model_config(model_dir, is_quantized(configuration), args.compute_dtype))
     with tempfile.TemporaryDirectory(prefix="bench_ppo_work_") as work_dir:
         common = dict(
             config=config, value_head=value_head, reward=reward, tokenizer=tokenizer,
@@ -251,7 +259,14 @@ def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> 
     command = [sys.executable, __file__, "--child", configuration, "--model-dir", str(model_dir)]
     for key in ("iterations", "rollout_batch_size", "num_mini_batches", "num_ppo_epochs", "max_new_tokens"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    command += ["--lora-rank", str(args.lora_rank), "--threads", str(args.threads)]
+    command += [
+        "--lora-rank",
+        str(args.lora_rank),
+        "--threads",
+        str(args.threads),
+        "--compute-dtype",
+        args.compute_dtype,
+    ]
     environment = dict(os.environ)
     if not args.glibc_defaults:  # large buffers from mmap, returned when freed: RSS follows the live tensors
         environment |= {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -298,6 +313,12 @@ def main() -> None:
     parser.add_argument("--num-ppo-epochs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument(
+        "--compute-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the 4-bit rows' compute dtype (auto: bfloat16 where the hardware runs it natively); float32 rows stay float32",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per child")
     parser.add_argument(
         "--glibc-defaults",
@@ -329,7 +350,8 @@ def main() -> None:
             f"Llama-shaped model, random weights: hidden {args.hidden_size}, {args.layers} layers, vocabulary "
             f"{args.vocab_size}, {parameters / 1e6:.1f} M parameters. {args.iterations} iterations of "
             f"{args.rollout_batch_size} prompts x {args.max_new_tokens} new tokens, {args.num_ppo_epochs} PPO epochs "
-            f"x {args.num_mini_batches} mini-batches; LoRA rank {args.lora_rank}; {args.threads} threads",
+            f"x {args.num_mini_batches} mini-batches; LoRA rank {args.lora_rank}; 4-bit compute dtype "
+            f"{args.compute_dtype}; {args.threads} threads",
             flush=True,
         )
         results = []

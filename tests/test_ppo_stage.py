@@ -18,11 +18,13 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from alignment.data.build import TRAIN, build_stage_data
 from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
+from alignment.models.heads import active_adapter
 from alignment.models.loading import attach_adapter, keep_cpu_4bit_exact, load_base_model, load_tokenizer
 from alignment.models.precision import compute_dtype as model_compute_dtype
 from alignment.models.sampling import Responses, turn_suffix_ids
@@ -731,3 +733,42 @@ def test_a_checkpoint_of_another_config_is_refused_naming_what_changed(trained, 
         changed.load_checkpoint()
     same = make_trainer(recipe, tmp_path / "work")
     assert same.load_checkpoint()
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_merged_sampling_draws_what_the_adapters_draw_and_frees_its_copy(trained, tmp_path, compute_dtype):
+    """The rollout samples from a plain copy of the base with the policy merged in: its logits are the
+    4-bit base + policy adapter's (float32: to rounding; bfloat16: within its precision), after an update
+    as well (the copy is made from the current weights); in float32 the same seed draws the same responses
+    as sampling through the adapters. The copy's weights exist only during sampling, and the shared 4-bit
+    base is never changed."""
+    recipe, _ = trained
+    merged = make_trainer(recipe, tmp_path / "merged", compute_dtype, num_mini_batches=1, num_ppo_epochs=1)
+    through_adapters = make_trainer(recipe, tmp_path / "adapters", compute_dtype, merged_sampling=False)
+    assert through_adapters.merged_copy is None
+
+    def params_4bit(trainer):
+        return [p for p in trainer.unwrapped.parameters() if isinstance(p, bnb.nn.Params4bit)]
+
+    quantized = params_4bit(merged)
+    base_before = [p.data.view(torch.uint8).clone() for p in quantized]  # packed bytes (float32 storage has NaNs)
+    batch = fixed_batch(merged.tokenizer)
+    tolerance = 1e-4 if compute_dtype == "float32" else 0.1
+    rows = merged._prompt_batch(0)
+    for step in range(2):  # before and after an update
+        with torch.no_grad(), merged.autocast():
+            with active_adapter(merged.unwrapped, POLICY):
+                expected = merged.unwrapped(**batch).logits.float()
+            with merged._sampling_policy() as policy:
+                assert policy is merged.merged_copy.model and not isinstance(policy, PeftModel)
+                actual = policy(**batch).logits.float()
+        assert (actual - expected).abs().max().item() < tolerance * expected.abs().max().item()
+        assert all(p.device.type == "meta" for p in merged.merged_copy.model.parameters())  # freed after use
+        torch.manual_seed(step)
+        rollout = merged.rollout(rows)
+        if step == 0 and compute_dtype == "float32":
+            torch.manual_seed(step)
+            assert torch.equal(through_adapters.rollout(rows).response_ids, rollout.response_ids)
+        merged.update(rollout)
+    assert all(torch.equal(p.data.view(torch.uint8), before) for p, before in zip(quantized, base_before, strict=True))
+    assert all(parameter is p for parameter, p in zip(quantized, params_4bit(merged), strict=True))

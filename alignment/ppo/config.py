@@ -59,6 +59,11 @@ class PPOConfig:
             biases the importance ratio; keep 1.0 unless you know you want it.
         max_new_tokens: Longest response sampled, in tokens; responses are cut after their first stop
             token (the tokenizer's EOS, the model's generation-config EOS list, the template's end of turn).
+        merged_sampling: Sample from a plain copy of the base with the policy adapter merged in (in the
+            compute dtype), made at the start of each rollout and freed at its end, instead of through
+            the 4-bit base and the adapters: no dequantization or LoRA matmuls per generated token.
+            Costs one unquantized copy of the base during the rollout; log-probs still come from the
+            policy's own passes. Off under FSDP and DeepSpeed, whose sharded weights it cannot read.
         missing_eos_penalty: Subtracted from the score of every response that reached
             `max_new_tokens` without a stop token, to discourage rambling; None: no penalty. The
             default 1.0 (TRL's PPO examples' value) is one standard deviation of the normalised
@@ -136,6 +141,7 @@ class PPOConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 64
+    merged_sampling: bool = True
     missing_eos_penalty: float | None = 1.0
 
     # Reward

@@ -14,21 +14,24 @@ adapters are switched with `active_adapter`, which leaves requires_grad alone.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -38,6 +41,7 @@ from transformers import get_scheduler
 from alignment.evaluation.checkers import resolve_checker
 from alignment.io import read_json, write_json
 from alignment.models.heads import active_adapter, positions_from_mask
+from alignment.models.merged import MergedCopy
 from alignment.models.sampling import Responses, sample
 from alignment.models.scoring import RewardSource, token_scores
 from alignment.names import POLICY, REFERENCE, VALUE
@@ -131,6 +135,30 @@ def _prompt_order(num_prompts: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed))
 
 
+def release_freed_memory() -> None:
+    """Hands the memory the last phase freed back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
+
+    PyTorch's CPU tensors come from malloc, and glibc keeps what a phase frees in its heaps: after one
+    update the process holds the update's high-water mark for good, and the next rollout and update
+    allocate around it. Trimming once per phase costs milliseconds.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # musl and other C libraries
+        return None
+
+
+_LIBC = _glibc()
+
+
 class PolicyAndValue(torch.nn.Module):
     """The trainable parts, the adapters on the shared base and the value head, in one module, so that
     accelerate prepares both and DDP averages all their gradients."""
@@ -191,6 +219,9 @@ class PPOTrainer:
         self.policy_and_value = self.accelerator.unwrap_model(self.model)  # unwrapping walks every module: once
         self.accelerator.register_save_state_pre_hook(self._save_trainable_weights)
         self.accelerator.register_load_state_pre_hook(self._load_trainable_weights)
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        mergeable = config.merged_sampling and not sharded and isinstance(self.unwrapped, PeftModel)
+        self.merged_copy = MergedCopy(self.unwrapped, compute_dtype) if mergeable else None
         self.kl_controller = core.make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
         self.iteration, self.episode, self.history = 0, 0, []
         self.model.eval()  # dropout off in every pass, including the update
@@ -214,6 +245,17 @@ class PPOTrainer:
     def unwrapped(self) -> PeftModel:
         """The PeftModel under accelerate's wrapper: adapters are switched on it, forwards go through the wrapper."""
         return self.policy_and_value.model
+
+    @contextlib.contextmanager
+    def _sampling_policy(self) -> Iterator[torch.nn.Module]:
+        """The model to sample from: the policy merged into a plain copy of the base where allowed
+        (`merged_sampling`), else the shared base with the policy adapter active."""
+        if self.merged_copy is not None:
+            with self.merged_copy.weights(POLICY) as model:
+                yield model
+        else:
+            with active_adapter(self.unwrapped, POLICY):
+                yield self.unwrapped
 
     def _response_logits(
         self, adapter: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
@@ -270,9 +312,9 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, rows: Sequence[dict]) -> Rollout:
         config = self.config
-        with active_adapter(self.unwrapped, POLICY), self.autocast():
+        with self._sampling_policy() as policy, self.autocast():
             sampled = sample(
-                self.unwrapped,
+                policy,
                 self.tokenizer,
                 [row["prompt"] for row in rows],
                 max_new_tokens=config.max_new_tokens,
@@ -486,9 +528,11 @@ class PPOTrainer:
             rows = self._prompt_batch(iteration)
             started = time.monotonic()
             rollout = self.rollout(rows)
+            release_freed_memory()
             rollout_seconds = time.monotonic() - started
             started = time.monotonic()
             metrics = self.update(rollout)
+            release_freed_memory()
             update_seconds = time.monotonic() - started
             self.iteration = iteration + 1
             self.episode += len(rows) * self.accelerator.num_processes
