@@ -18,8 +18,11 @@ four separate models". The model is Llama-shaped with random weights (the toy to
 a 512-token vocabulary by default, as in issue 16), so responses run to the length limit and every
 configuration does the same work.
 
-Each configuration runs in a fresh process (glibc's mmap threshold fixed, so RSS follows the live
-tensors). Reported: episodes per second over the iterations after the first (which pays one-time
+Each configuration runs in a fresh process with the allocator a user's process has (glibc's
+defaults: its RSS includes freed memory glibc keeps, which is what a user sees). `--live-rss` fixes
+glibc's mmap threshold instead, so RSS follows the live tensors (to find where memory goes); it slows
+every configuration, and ours most, since bitsandbytes allocates a dequantized weight in every pass.
+Reported: episodes per second over the iterations after the first (which pays one-time
 initialisation), seconds per rollout and per update, and peak RSS per phase (the kernel's VmHWM,
 reset before each phase): loading, rollout (sampling and the role passes) and update (the PPO
 epochs); with a GPU, peak CUDA memory too.
@@ -268,7 +271,7 @@ def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> 
         args.compute_dtype,
     ]
     environment = dict(os.environ)
-    if not args.glibc_defaults:  # large buffers from mmap, returned when freed: RSS follows the live tensors
+    if args.live_rss:  # large buffers from mmap, returned when freed: RSS follows the live tensors
         environment |= {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     return child_result(command, environment, configuration)
 
@@ -321,9 +324,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per child")
     parser.add_argument(
-        "--glibc-defaults",
+        "--live-rss",
         action="store_true",
-        help="leave glibc's allocator as a user's process has it (RSS then includes freed memory glibc keeps)",
+        help="fix glibc's mmap threshold so RSS follows the live tensors (slower; the default is a user's allocator)",
     )
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
     parser.add_argument("--child", choices=list(CONFIGURATIONS), help=argparse.SUPPRESS)
@@ -364,7 +367,8 @@ def main() -> None:
             )
             results.append(result)
     print(
-        f"\n{machine()}. Peaks are whole-process RSS (imports alone: "
+        f"\n{machine()}. Peaks are whole-process RSS, "
+        f"{'glibc mmap threshold fixed (live tensors)' if args.live_rss else 'glibc defaults'} (imports alone: "
         f"{results[0]['rss_after_imports_mib']:,.0f} MiB); episodes/s over iterations 2-{args.iterations}; "
         f"mean response {results[0]['response_tokens']:.1f} tokens.\n"
     )
