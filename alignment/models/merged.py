@@ -36,7 +36,6 @@ class MergedCopy:
         config.__dict__.pop("quantization_config", None)  # a plain model: no bitsandbytes layers
         with torch.device("meta"):
             self.model: PreTrainedModel = type(self.source)._from_config(config, dtype=dtype)
-        self.model.generation_config = copy.deepcopy(self.source.generation_config)  # its stop tokens
         self.model.requires_grad_(False).eval()
         own_buffers = dict(self.model.named_buffers())
         for name, buffer in self.source.named_buffers():  # rotary frequencies and the like, computed at init
@@ -49,6 +48,7 @@ class MergedCopy:
     def weights(self, adapter: str) -> Iterator[PreTrainedModel]:
         """The copy with the base's weights and `adapter` merged in, for the duration of the block."""
         device = next(self.source.parameters()).device
+        self.model.generation_config = self.source.generation_config  # the stop tokens as the base has them now
         merged: dict[int, torch.nn.Parameter] = {}  # by the meta parameter's id: tied weights stay tied
         slots = [
             (module, key, parameter)
