@@ -181,7 +181,36 @@ def _records(path: Path) -> list[bytes]:
     return records
 
 
-def read_offline_run(run_folder: str | Path) -> dict[str, Any]:
+def _complete_run_records(path: Path, wait_seconds: float) -> list[Any]:
+    """The run file's records once wandb has written its `exit` record, waiting up to `wait_seconds`.
+
+    `run.finish()` can return before wandb's service has flushed the offline file (seen under load in
+    CI: the file held only its header when read, everything a moment later). A run that crashed never
+    gets an exit record; after the wait, what is there is read.
+    """
+    import time
+
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        records = []
+        try:
+            for payload in _records(path):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(payload)
+                records.append(record)
+        except DecodeError:  # a record half written
+            if time.monotonic() > deadline:
+                raise
+            records = []
+        if any(record.WhichOneof("record_type") == "exit" for record in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def read_offline_run(run_folder: str | Path, wait_seconds: float = 30.0) -> dict[str, Any]:
     """What an offline W&B run recorded: run info, config, history rows, the final summary and the artifacts.
 
     wandb keeps offline runs in a binary `run-<id>.wandb` log; this reads it back (for tests, and for
@@ -189,8 +218,6 @@ def read_offline_run(run_folder: str | Path) -> dict[str, Any]:
     wandb 0.31 has no Python reader of that log any more (its data store moved into the Go service).
     """
     import json
-
-    from wandb.proto import wandb_internal_pb2
 
     folder = Path(run_folder)
     (path,) = folder.glob("run-*.wandb")
@@ -203,9 +230,7 @@ def read_offline_run(run_folder: str | Path) -> dict[str, Any]:
             target = target.setdefault(part, {})
         target[path[-1]] = json.loads(item.value_json)
 
-    for payload in _records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+    for record in _complete_run_records(path, wait_seconds):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,26 @@ def test_init_from_starts_the_reward_adapter_at_the_sft_adapter(stories_run):
     head = {name: p for name, p in parameters.items() if name.startswith("base_model.model.score.modules_to_save.")}
     assert head and all(parameter.requires_grad for parameter in head.values())
     assert not any("lora_" in name for name in head)  # the head is trained in full, never through LoRA
+
+
+def test_an_offline_run_read_while_wandb_still_writes_it_is_read_once_complete(stories_run, tmp_path):
+    """wandb's `finish()` can return before its service has flushed the run file (seen in CI under load:
+    only the header was there). The reader waits for the run's exit record instead of reading half a run."""
+    _, output_dir, _ = stories_run
+    source = next((output_dir / "wandb").glob("offline-run-*"))
+    (run_file,) = source.glob("run-*.wandb")
+    folder = tmp_path / source.name
+    folder.mkdir()
+    written = folder / run_file.name
+    written.write_bytes(run_file.read_bytes()[:7])  # the header alone, as wandb's service starts the file
+    writer = threading.Timer(1.0, lambda: written.write_bytes(run_file.read_bytes()))
+    writer.start()
+    try:
+        logged = read_offline_run(folder)
+    finally:
+        writer.join()
+    assert logged["run"]["job_type"] in {"sft", "reward"}
+    assert logged == read_offline_run(source)
 
 
 def test_one_offline_wandb_run_per_stage_with_metrics_histograms_and_the_pair_table(stories_run):
