@@ -260,16 +260,10 @@ def child(configuration: str, model_dir: Path, args: argparse.Namespace) -> dict
 
 def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> dict:
     command = [sys.executable, __file__, "--child", configuration, "--model-dir", str(model_dir)]
-    for key in ("iterations", "rollout_batch_size", "num_mini_batches", "num_ppo_epochs", "max_new_tokens"):
+    passed_on = ("iterations", "rollout_batch_size", "num_mini_batches", "num_ppo_epochs", "max_new_tokens",
+                 "lora_rank", "threads", "compute_dtype")  # fmt: skip
+    for key in passed_on:
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    command += [
-        "--lora-rank",
-        str(args.lora_rank),
-        "--threads",
-        str(args.threads),
-        "--compute-dtype",
-        args.compute_dtype,
-    ]
     environment = dict(os.environ)
     if args.live_rss:  # large buffers from mmap, returned when freed: RSS follows the live tensors
         environment |= {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
