@@ -12,7 +12,7 @@ import statistics
 import pytest
 import torch
 
-from alignment.models.sampling import truncate_after_eos
+from alignment.models.sampling import Responses, truncate_after_eos
 from alignment.ppo import PPOConfig, core
 from alignment.ppo.core import (
     AdaptiveKLController,
@@ -599,3 +599,40 @@ def test_group_statistics_count_groups_without_signal() -> None:
     group = core.group_statistics(torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0]), 2)
     assert group["group/equal_reward_share"].item() == pytest.approx(2 / 3)
     assert group["group/reward_std"].item() == pytest.approx(math.sqrt(0.5) / 3)
+
+
+def test_dynamic_sampling_keeps_groups_with_signal_first_in_sampling_order_then_fills() -> None:
+    scores = torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0])  # groups of 2: -, +, -, +, +
+    signal = core.groups_with_signal(scores, 2)
+    assert signal.tolist() == [False, True, False, True, True]
+    assert core.select_groups(signal, 2, 2).tolist() == [2, 3, 6, 7]  # the first two with signal
+    assert core.select_groups(signal, 4, 2).tolist() == [0, 1, 2, 3, 6, 7, 8, 9]  # all three, then group 0
+    assert core.select_groups(torch.tensor([False, False]), 1, 3).tolist() == [0, 1, 2]
+
+
+def test_dynamic_sampling_needs_a_group_baseline_and_owns_its_rounds_of_prompts() -> None:
+    with pytest.raises(RecipeError, match="dynamic_sampling.*grpo or rloo"):
+        PPOConfig(dynamic_sampling=True)
+    config = PPOConfig(advantage_estimator="grpo", samples_per_prompt=4, rollout_batch_size=16, num_mini_batches=2,
+                       dynamic_sampling=True, max_sampling_rounds=3)  # fmt: skip
+    assert config.iterations(960) == 20  # one pass over the prompts: 16 prompts × 3 rounds per iteration
+    assert PPOConfig(advantage_estimator="grpo", samples_per_prompt=4, rollout_batch_size=16).iterations(960) == 60
+
+
+def test_sampled_batches_concatenate_with_their_padding_on_the_right_sides() -> None:
+    def batch(query: list[list[int]], response: list[list[int]], texts: list[str]) -> Responses:
+        query_ids, response_ids = torch.tensor(query), torch.tensor(response)
+        return Responses([[{"role": "user", "content": text}] for text in texts], query_ids, (query_ids != 0).long(),
+                         response_ids, (response_ids != 0).long(), torch.tensor([True] * len(texts)), texts)  # fmt: skip
+
+    first = batch([[0, 5, 6]], [[7, 8]], ["a"])  # left-padded prompt, two response tokens
+    second = batch([[5, 6, 6, 6], [1, 2, 3, 4]], [[9, 0, 0], [4, 4, 4]], ["b", "c"])
+    both = Responses.concatenate([first, second], pad_id=0)
+    assert both.query_ids.tolist() == [[0, 0, 5, 6], [5, 6, 6, 6], [1, 2, 3, 4]]
+    assert both.query_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert both.response_ids.tolist() == [[7, 8, 0], [9, 0, 0], [4, 4, 4]]
+    assert both.response_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    assert both.texts == ["a", "b", "c"] and len(both) == 3
+    picked = both.select([2, 0])
+    assert picked.texts == ["c", "a"] and picked.query_ids.tolist() == [[1, 2, 3, 4], [0, 0, 5, 6]]
+    assert [prompt[0]["content"] for prompt in picked.prompts] == ["c", "a"]

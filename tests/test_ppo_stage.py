@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import signal
@@ -791,3 +792,36 @@ def test_memory_a_phase_freed_goes_back_to_the_os_between_phases():
     after = rss_mib()
     assert before - kept < 50 < kept - after, (before, kept, after)
     del pinned
+
+
+def test_dynamic_sampling_trains_on_groups_whose_checker_scores_differ(trained, tmp_path):
+    """DAPO's dynamic sampling with the exact checker as the reward: further prompt batches of the
+    iteration are sampled until rollout_batch_size groups with differing scores are found (or the rounds
+    run out); the update's batch keeps its size and holds those groups first, and the logged scores, gold
+    accuracy and group statistics are of everything sampled, not of the selection."""
+    _, prepared = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared / "sft", run_dir / "sft")
+    raw = pipeline(run_dir, CRITIC_FREE, reward_function=CHECKER, value_from="policy")
+    del raw["stages"][2]["reward_from"], raw["stages"][1]  # the checker alone: scores 1 or 0 (−1 if unfinished)
+    rounds_allowed = 12
+    trainer = make_trainer(validate_recipe(raw), tmp_path / "work", dynamic_sampling=True,
+                           max_sampling_rounds=rounds_allowed, temperature=0.8)  # fmt: skip
+    torch.manual_seed(0)
+    rollout = trainer.rollout(trainer._prompt_batch(0))
+    metrics = rollout.sampling_metrics
+    rounds, group, batch_groups = int(metrics["rollout/sampling_rounds"]), 2, CRITIC_FREE["rollout_batch_size"]
+    assert metrics["rollout/sampled_episodes"] == rounds * batch_groups * group
+    found = round((1 - metrics["group/equal_reward_share"]) * rounds * batch_groups)
+    print(f"rounds {rounds}, groups with signal found {found}, gold {metrics['objective/gold_accuracy']:.3f}")
+    assert found > 0 and rounds > 1  # this seed exercises both: a search over rounds, and groups to keep
+    assert rounds == rounds_allowed or found >= batch_groups  # it stops as soon as it has enough
+    assert len(rollout.responses) == batch_groups * group  # the update's batch keeps its size
+    kept = core.groups_with_signal(rollout.scores, group)
+    assert int(kept.sum()) == min(found, batch_groups)
+    offered = [row["prompt"] for r in range(rounds) for row in trainer._prompt_batch(0, r)]
+    assert all(prompt in offered for prompt in rollout.prompts)
+    assert rollout.prompts[::group] == rollout.prompts[1::group]  # whole groups, each one prompt's answers
+    assert metrics["objective/gold_accuracy"] * metrics["rollout/sampled_episodes"] >= sum(rollout.gold)
+    update = trainer.update(rollout)
+    assert update["rollout/sampling_rounds"] == rounds and math.isfinite(update["loss/policy_avg"])

@@ -68,6 +68,36 @@ class Responses:
         return cls(list(prompts), query["input_ids"], query["attention_mask"], response["input_ids"],
                    response["attention_mask"], ended, list(answers))  # fmt: skip
 
+    def select(self, rows: Sequence[int]) -> Responses:
+        """These rows only, in this order."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        return Responses(
+            [self.prompts[row] for row in rows], self.query_ids[index], self.query_mask[index],
+            self.response_ids[index], self.response_mask[index], self.ended[index], [self.texts[row] for row in rows],
+        )  # fmt: skip
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Responses], pad_id: int) -> Responses:
+        """Several batches as one: prompts left-padded and responses right-padded to the widest part's."""
+        query_width = max(part.query_ids.shape[1] for part in parts)
+        response_width = max(part.response_ids.shape[1] for part in parts)
+
+        def padded(tensors: list[torch.Tensor], width: int, left: bool, value: int) -> torch.Tensor:
+            return torch.cat([
+                torch.nn.functional.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value)
+                for t in tensors
+            ])  # fmt: skip
+
+        return cls(
+            [prompt for part in parts for prompt in part.prompts],
+            padded([part.query_ids for part in parts], query_width, True, pad_id),
+            padded([part.query_mask for part in parts], query_width, True, 0),
+            padded([part.response_ids for part in parts], response_width, False, pad_id),
+            padded([part.response_mask for part in parts], response_width, False, 0),
+            torch.cat([part.ended for part in parts]),
+            [text for part in parts for text in part.texts],
+        )
+
     def sampled_ids(self, row: int, turn_suffix: Sequence[int] = ()) -> list[int]:
         """Prompt and response tokens of one row, padding removed; a finished response gets `turn_suffix`."""
         query = self.query_ids[row][self.query_mask[row].bool()].tolist()

@@ -92,6 +92,14 @@ class PPOConfig:
             no value role is loaded, every token of a response gets its advantage.
         samples_per_prompt: Responses sampled per prompt per iteration (the group); at least 2 for grpo
             and rloo. An iteration has rollout_batch_size × samples_per_prompt episodes.
+        dynamic_sampling: grpo/rloo: DAPO's dynamic sampling (Yu et al. 2025). A group whose answers all
+            got the same score (all right, or all wrong, under a checker) has advantage 0 everywhere and
+            only dilutes the update; so further batches of `rollout_batch_size` prompts are sampled and
+            scored until that many groups with differing scores are found (at most `max_sampling_rounds`
+            batches), and the update trains on those. Short of them, equal-score groups fill the batch.
+            Sampling and a checker are cheap next to the update, so each update gets several times the
+            signal; the group metrics are over everything sampled.
+        max_sampling_rounds: With `dynamic_sampling`, the most batches of prompts sampled per iteration.
         scale_advantages_by_std: grpo: divide each group's centred rewards by their std. False is Dr.
             GRPO (Liu et al. 2025): no up-weighting of groups whose rewards barely differ.
         loss_aggregation: "token": the policy loss is the mean over all real tokens of the mini-batch
@@ -155,6 +163,8 @@ class PPOConfig:
     # Advantages and losses
     advantage_estimator: AdvantageEstimator = "gae"
     samples_per_prompt: int = 1
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
     scale_advantages_by_std: bool = True
     loss_aggregation: Literal["token", "sequence"] = "token"
     kl_penalty_in: Literal["reward", "loss"] = "reward"
@@ -192,6 +202,12 @@ class PPOConfig:
             "samples_per_prompt",
             f"must be at least 2 for advantage_estimator {self.advantage_estimator} (the group is the baseline)",
         )
+        require(
+            not self.dynamic_sampling or self.advantage_estimator != "gae",
+            "dynamic_sampling",
+            "needs a group baseline (advantage_estimator grpo or rloo): under gae no group is without signal",
+        )
+        require(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be at least 1")
         require(
             self.episodes_per_iteration % self.num_mini_batches == 0,
             "num_mini_batches",
@@ -255,6 +271,11 @@ class PPOConfig:
         return self.rollout_batch_size * self.samples_per_prompt
 
     @property
+    def sampling_rounds(self) -> int:
+        """Prompt batches an iteration may sample: each iteration owns this many blocks of the prompt order."""
+        return self.max_sampling_rounds if self.dynamic_sampling else 1
+
+    @property
     def uses_value(self) -> bool:
         """Whether the value role exists: only GAE needs V(s_t)."""
         return self.advantage_estimator == "gae"
@@ -281,4 +302,5 @@ class PPOConfig:
             return self.num_iterations
         if self.total_episodes is not None:
             return max(1, math.ceil(self.total_episodes / (self.episodes_per_iteration * num_processes)))
-        return max(1, math.ceil(num_prompts / (self.rollout_batch_size * num_processes)))
+        prompts_per_iteration = self.rollout_batch_size * num_processes * self.sampling_rounds  # the blocks it owns
+        return max(1, math.ceil(num_prompts / prompts_per_iteration))

@@ -268,12 +268,25 @@ def group_advantages(
     raise ValueError(f"unknown group advantage estimator {estimator!r}; expected 'grpo' or 'rloo'")
 
 
+def groups_with_signal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group (rows g*G … g*G + G − 1), whether its rewards differ: a group of equal rewards has
+    advantage 0 for every answer under grpo and rloo, so it teaches nothing."""
+    grouped = scores.reshape(-1, group_size)
+    return grouped.max(dim=1).values != grouped.min(dim=1).values
+
+
+def select_groups(signal: torch.Tensor, count: int, group_size: int) -> torch.Tensor:
+    """Rows of `count` groups, in sampling order: the first groups with signal, then, if there are too few
+    of them, the first groups without (DAPO's dynamic sampling keeps the batch size fixed)."""
+    groups = torch.cat([signal.nonzero()[:, 0], (~signal).nonzero()[:, 0]])[:count].sort().values
+    return (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+
+
 def group_statistics(scores: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     """Mean reward std within groups, and the share of groups whose rewards are all equal (no signal)."""
-    grouped = scores.reshape(-1, group_size)
     return {
-        "group/reward_std": grouped.std(dim=1).mean(),
-        "group/equal_reward_share": (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean(),
+        "group/reward_std": scores.reshape(-1, group_size).std(dim=1).mean(),
+        "group/equal_reward_share": (~groups_with_signal(scores, group_size)).float().mean(),
     }
 
 

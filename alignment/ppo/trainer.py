@@ -75,7 +75,7 @@ class Rollout:
     kl_coef: float  # β when the rollout was scored
     advantages: torch.Tensor  # A_t (whitened when the config says so)
     returns: torch.Tensor  # R_t = A_t + V_old(s_t), before whitening
-    reward_components: dict[str, torch.Tensor]  # each source's own scores when the reward is a weighted sum
+    sampling_metrics: dict[str, float]  # scores, gold accuracy and group statistics of everything sampled
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -84,6 +84,41 @@ class Rollout:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+@dataclass
+class ScoredResponses:
+    """Sampled responses with their scores, before the role passes: what dynamic sampling selects from."""
+
+    responses: Responses
+    raw_scores: torch.Tensor  # the reward source's scores as it gave them
+    scores: torch.Tensor  # after normalisation, clipping and the missing-EOS penalty
+    gold: list[bool | None]  # the gold checker's verdict where the data has one
+    components: dict[str, torch.Tensor]  # each source's own scores when the reward is a weighted sum
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    def select(self, rows: torch.Tensor) -> ScoredResponses:
+        """These rows only, in this order."""
+        indices = rows.tolist()
+        return ScoredResponses(
+            self.responses.select(indices), self.raw_scores[rows.to(self.raw_scores.device)],
+            self.scores[rows.to(self.scores.device)], [self.gold[row] for row in indices],
+            {name: values[rows.to(values.device)] for name, values in self.components.items()},
+        )  # fmt: skip
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[ScoredResponses], pad_id: int) -> ScoredResponses:
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            Responses.concatenate([part.responses for part in parts], pad_id),
+            torch.cat([part.raw_scores for part in parts]),
+            torch.cat([part.scores for part in parts]),
+            [verdict for part in parts for verdict in part.gold],
+            {name: torch.cat([part.components[name] for part in parts]) for name in parts[0].components},
+        )
 
 
 def trim_padding(
@@ -227,10 +262,13 @@ class PPOTrainer:
         self.model.eval()  # dropout off in every pass, including the update
 
     # ---- bookkeeping ------------------------------------------------------------------------
-    def _prompt_batch(self, iteration: int) -> list[dict]:
-        """The prompts of one iteration (see `prompt_indices`), read from the dataset in one go."""
+    def _prompt_batch(self, iteration: int, sampling_round: int = 0) -> list[dict]:
+        """The prompts of one iteration's sampling round, read from the dataset in one go: each iteration
+        owns `sampling_rounds` blocks of the prompt order (see `prompt_indices`), used or not, so that a
+        resumed run samples the same prompts."""
         size, processes = self.config.rollout_batch_size, self.accelerator.num_processes
-        first = (iteration * processes + self.accelerator.process_index) * size
+        block = iteration * self.config.sampling_rounds + sampling_round
+        first = (block * processes + self.accelerator.process_index) * size
         columns = self.prompts[prompt_indices(first, size, len(self.prompts), self.seed)]
         rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
         return [row for row in rows for _ in range(self.config.samples_per_prompt)]  # a prompt's group is consecutive
@@ -308,33 +346,13 @@ class PPOTrainer:
         micro = max(1, self.config.micro_batch_size)
         return [slice(start, min(start + micro, size)) for start in range(0, size, micro)]
 
-    # ---- rollout ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def rollout(self, rows: Sequence[dict]) -> Rollout:
+    # ---- rollout ----------------------------------------------------------------------------
+    def _score(self, rows: Sequence[dict], sampled: Responses) -> ScoredResponses:
+        """The reward of each sampled response (normalised, clipped, EOS-penalised as the config says) and
+        whether the gold checker, where the data has one, accepts it."""
         config = self.config
-        with self._sampling_policy() as policy, self.autocast():
-            sampled = sample(
-                policy,
-                self.tokenizer,
-                [row["prompt"] for row in rows],
-                max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature,
-                top_p=config.top_p,
-            )
-        start = sampled.query_ids.shape[1]
-        input_ids = torch.cat([sampled.query_ids, sampled.response_ids], dim=1).to(self.device)
-        attention_mask = torch.cat([sampled.query_mask, sampled.response_mask], dim=1).to(self.device)
-        logprobs, reference_logprobs, values = [], [], []
-        for part in self._micro_batches(len(rows)):
-            ids, mask = input_ids[part], attention_mask[part]
-            logprobs.append(self._logprobs(POLICY, ids, mask, start, config.temperature))
-            if config.uses_reference:  # else the policy's own: a KL of exactly 0, never used
-                reference_logprobs.append(self._logprobs(REFERENCE, ids, mask, start, config.temperature))
-            else:
-                reference_logprobs.append(logprobs[-1])
-            values.append(self._values(ids, mask, start) if config.uses_value else torch.zeros_like(logprobs[-1]))
         with self.autocast():
-            raw_scores = self.reward(sampled).to(self.device)
+            raw_scores = self.reward(sampled).float().to(self.device)
         scores = raw_scores
         if config.normalize_reward and self.reward_stats:
             scores = core.normalize_scores(
@@ -342,14 +360,92 @@ class PPOTrainer:
             )
         elif config.reward_clip is not None:
             scores = scores.clamp(-config.reward_clip, config.reward_clip)
-        ended = sampled.ended.to(self.device)
-        scores = core.apply_missing_eos_penalty(scores, ended, config.missing_eos_penalty)
+        scores = core.apply_missing_eos_penalty(scores, sampled.ended.to(self.device), config.missing_eos_penalty)
         gold = [
             bool(resolve_checker(row["checker"])(text, row["reference"]))
             if row.get("checker") and row.get("reference")
             else None
             for row, text in zip(rows, sampled.texts, strict=True)
         ]
+        components = {name: values.float() for name, values in getattr(self.reward, "components", {}).items()}
+        return ScoredResponses(sampled, raw_scores, scores, gold, components)
+
+    def _sample_scored(self, rows: Sequence[dict]) -> tuple[ScoredResponses, int]:
+        """Samples and scores `rows`; with `dynamic_sampling`, further prompt batches of this iteration too,
+        until every process holds `rollout_batch_size` groups whose scores differ or the rounds run out.
+        The merged sampling copy lives across the rounds and is freed before the last scoring."""
+        config = self.config
+        parts: list[ScoredResponses] = []
+        with contextlib.ExitStack() as sampling:
+            policy = sampling.enter_context(self._sampling_policy())
+            for sampling_round in range(config.sampling_rounds):
+                round_rows = rows if sampling_round == 0 else self._prompt_batch(self.iteration, sampling_round)
+                with self.autocast():
+                    sampled = sample(
+                        policy,
+                        self.tokenizer,
+                        [row["prompt"] for row in round_rows],
+                        max_new_tokens=config.max_new_tokens,
+                        temperature=config.temperature,
+                        top_p=config.top_p,
+                    )
+                if sampling_round == config.sampling_rounds - 1:
+                    sampling.close()  # no more sampling: the copy's memory is free for the reward pass
+                parts.append(self._score(round_rows, sampled))
+                scores = torch.cat([part.scores for part in parts])
+                if not config.dynamic_sampling or self._on_every_process(
+                    int(core.groups_with_signal(scores, config.samples_per_prompt).sum()) >= config.rollout_batch_size
+                ):
+                    break
+        return ScoredResponses.concatenate(parts, self.tokenizer.pad_token_id), len(parts)
+
+    def _on_every_process(self, condition: bool) -> bool:
+        """Whether `condition` holds on every process (all of them take the same branch after it)."""
+        if self.accelerator.num_processes == 1:
+            return condition
+        return bool(self.accelerator.gather(torch.tensor([condition], device=self.device)).all())
+
+    def _sampling_metrics(self, scored: ScoredResponses, rounds: int) -> dict[str, float]:
+        """What the policy did, over every response sampled this iteration (before dynamic sampling's
+        selection, which would bias them): scores, gold accuracy, the group statistics."""
+        config = self.config
+        metrics = {
+            "objective/scores": scored.scores.mean().item(),
+            "objective/raw_scores": scored.raw_scores.mean().item(),
+            **{f"objective/reward/{name}": values.mean().item() for name, values in scored.components.items()},
+        }
+        checked = [value for value in scored.gold if value is not None]
+        if checked:
+            metrics["objective/gold_accuracy"] = sum(checked) / len(checked)
+        if config.samples_per_prompt > 1:
+            statistics = core.group_statistics(scored.scores, config.samples_per_prompt)
+            metrics |= {key: value.item() for key, value in statistics.items()}
+        if config.dynamic_sampling:
+            metrics |= {"rollout/sampling_rounds": float(rounds), "rollout/sampled_episodes": float(len(scored))}
+        return metrics
+
+    @torch.no_grad()
+    def rollout(self, rows: Sequence[dict]) -> Rollout:
+        config = self.config
+        scored, rounds = self._sample_scored(rows)
+        sampling_metrics = self._sampling_metrics(scored, rounds)
+        if config.dynamic_sampling:
+            signal = core.groups_with_signal(scored.scores, config.samples_per_prompt)
+            scored = scored.select(core.select_groups(signal, config.rollout_batch_size, config.samples_per_prompt))
+        sampled, raw_scores, scores, gold = scored.responses, scored.raw_scores, scored.scores, scored.gold
+        ended = sampled.ended.to(self.device)
+        start = sampled.query_ids.shape[1]
+        input_ids = torch.cat([sampled.query_ids, sampled.response_ids], dim=1).to(self.device)
+        attention_mask = torch.cat([sampled.query_mask, sampled.response_mask], dim=1).to(self.device)
+        logprobs, reference_logprobs, values = [], [], []
+        for part in self._micro_batches(len(sampled)):
+            ids, mask = input_ids[part], attention_mask[part]
+            logprobs.append(self._logprobs(POLICY, ids, mask, start, config.temperature))
+            if config.uses_reference:  # else the policy's own: a KL of exactly 0, never used
+                reference_logprobs.append(self._logprobs(REFERENCE, ids, mask, start, config.temperature))
+            else:
+                reference_logprobs.append(logprobs[-1])
+            values.append(self._values(ids, mask, start) if config.uses_value else torch.zeros_like(logprobs[-1]))
         logprobs, reference_logprobs, values = torch.cat(logprobs), torch.cat(reference_logprobs), torch.cat(values)
         mask = attention_mask[:, start:]
         kl = core.kl_penalty(logprobs, reference_logprobs, config.kl_estimator)
@@ -376,7 +472,7 @@ class PPOTrainer:
         return Rollout(
             input_ids[:, :start], attention_mask[:, :start], input_ids[:, start:], mask, ended,
             logprobs, reference_logprobs, values, scores, raw_scores, sampled.texts, sampled.prompts, gold,
-            kl, kl_coef, advantages, returns, dict(getattr(self.reward, "components", {})),
+            kl, kl_coef, advantages, returns, sampling_metrics,
         )  # fmt: skip
 
     # ---- update -------------------------------------------------------------------------------
@@ -460,11 +556,9 @@ class PPOTrainer:
                 self.scheduler.step()
 
         metrics = {key: torch.stack(values).mean().item() for key, values in stats.items()}  # one host sync
+        metrics |= rollout.sampling_metrics
         metrics |= {
             "objective/entropy": (-rollout.logprobs * mask).sum(1).mean().item(),
-            "objective/scores": rollout.scores.mean().item(),
-            "objective/raw_scores": rollout.raw_scores.mean().item(),
-            **{f"objective/reward/{name}": scores.mean().item() for name, scores in rollout.reward_components.items()},
             "val/num_eos_tokens": float(rollout.contains_eos.sum().item()),
             "val/mean_response_length": mask.sum(1).float().mean().item(),
             "kl_coef": kl_coef,
@@ -479,9 +573,6 @@ class PPOTrainer:
             }
         if config.uses_value:
             metrics["val/explained_variance"] = core.explained_variance(rollout.values, returns, mask).item()
-        if config.samples_per_prompt > 1:
-            statistics = core.group_statistics(rollout.scores, config.samples_per_prompt)
-            metrics |= {key: value.item() for key, value in statistics.items()}
         metrics = self._mean_over_processes(metrics)
         self.kl_controller.update(metrics.get("objective/kl", 0.0), batch_size * self.accelerator.num_processes)
         return metrics
@@ -535,7 +626,7 @@ class PPOTrainer:
             release_freed_memory()
             update_seconds = time.monotonic() - started
             self.iteration = iteration + 1
-            self.episode += len(rows) * self.accelerator.num_processes
+            self.episode += len(rollout.responses) * self.accelerator.num_processes
             response_tokens = rollout.response_mask.sum().item()
             all_tokens = rollout.attention_mask.sum().item()
             metrics |= {
@@ -547,9 +638,6 @@ class PPOTrainer:
                 "tokens_per_second/rollout": response_tokens / max(rollout_seconds, 1e-9),
                 "tokens_per_second/train": all_tokens * config.num_ppo_epochs / max(update_seconds, 1e-9),
             }
-            checked = [value for value in rollout.gold if value is not None]
-            if checked:
-                metrics["objective/gold_accuracy"] = sum(checked) / len(checked)
             self.history.append(metrics)
             if self.iteration % config.logging_steps == 0:
                 self.tracker.log(metrics, step=self.iteration)
