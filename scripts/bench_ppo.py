@@ -8,6 +8,7 @@ differs:
   PPO stage builds it;
 - shared-4bit-adapter-sampling: ours before `merged_sampling` (the default since the fifteenth
   session): sampling token by token through the 4-bit base and the adapters;
+- shared-4bit-release-per-step: ours with `release_memory: step` (malloc_trim after every optimiser step);
 - shared-float32 (ours with `quantization: {mode: none}`): the same on one float32 base;
 - separate-4bit: four 4-bit models, one LoRA adapter each (policy and value train theirs);
 - separate-float32: four float32 models, policy and value fully fine-tuned (the classic set-up).
@@ -58,6 +59,7 @@ from bench_ppo_memory import (
 CONFIGURATIONS = {
     "shared-4bit": "ours: one 4-bit base + 4 LoRA adapters",
     "shared-4bit-adapter-sampling": "ours, sampling through the adapters (merged_sampling: false)",
+    "shared-4bit-release-per-step": "ours, freed memory handed back after every optimiser step (release_memory: step)",
     "shared-float32": "ours unquantized: one float32 base + 4 LoRA adapters",
     "separate-4bit": "four 4-bit models, one LoRA adapter each",
     "separate-float32": "four float32 models, policy and value fully fine-tuned",
@@ -222,6 +224,7 @@ def child(configuration: str, model_dir: Path, args: argparse.Namespace) -> dict
         max_new_tokens=args.max_new_tokens, temperature=1.0, missing_eos_penalty=None,
         learning_rate=1e-5, save_steps=None, sample_table_steps=None, normalize_reward=False,
         merged_sampling=not configuration.endswith("adapter-sampling"),
+        release_memory="step" if configuration.endswith("release-per-step") else "phase",
     )  # fmt: skip
     compute_dtype = precision.compute_dtype(model_config(model_dir, is_quantized(configuration), args.compute_dtype))
     with tempfile.TemporaryDirectory(prefix="bench_ppo_work_") as work_dir:
@@ -267,7 +270,17 @@ def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> 
     environment = dict(os.environ)
     if args.live_rss:  # large buffers from mmap, returned when freed: RSS follows the live tensors
         environment |= {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    elif args.mmap_threshold is not None:  # only buffers from this size up come from mmap
+        environment |= {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
     return child_result(command, environment, configuration)
+
+
+def allocator_setting(args: argparse.Namespace) -> str:
+    if args.live_rss:
+        return "glibc mmap threshold fixed at 64 KiB (live tensors)"
+    if args.mmap_threshold is not None:
+        return f"glibc mmap threshold fixed at {args.mmap_threshold:,} bytes"
+    return "glibc defaults"
 
 
 def table(results: list[dict]) -> str:
@@ -322,6 +335,11 @@ def main() -> None:
         action="store_true",
         help="fix glibc's mmap threshold so RSS follows the live tensors (slower; the default is a user's allocator)",
     )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        help="fix glibc's mmap threshold at this many bytes (between glibc's defaults and --live-rss)",
+    )
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
     parser.add_argument("--child", choices=list(CONFIGURATIONS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -362,7 +380,7 @@ def main() -> None:
             results.append(result)
     print(
         f"\n{machine()}. Peaks are whole-process RSS, "
-        f"{'glibc mmap threshold fixed (live tensors)' if args.live_rss else 'glibc defaults'} (imports alone: "
+        f"{allocator_setting(args)} (imports alone: "
         f"{results[0]['rss_after_imports_mib']:,.0f} MiB); episodes/s over iterations 2-{args.iterations}; "
         f"mean response {results[0]['response_tokens']:.1f} tokens.\n"
     )

@@ -509,12 +509,16 @@ CHECKER = "alignment.evaluation.checkers:exact_match_reward"
 CRITIC_FREE = {"advantage_estimator": "grpo", "samples_per_prompt": 2, "rollout_batch_size": 4}
 
 
+DYNAMIC_GRPO_ON_THE_CHECKER = CRITIC_FREE | {"dynamic_sampling": True, "max_sampling_rounds": 3}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator_args", [{}, CRITIC_FREE], ids=["gae", "grpo"])
+@pytest.mark.parametrize("estimator_args", [{}, DYNAMIC_GRPO_ON_THE_CHECKER], ids=["gae", "grpo-dynamic-sampling"])
 def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_path, estimator_args):
-    """PPO-ptx (and GRPO) killed with SIGKILL after its second checkpoint and run again: the same
-    iterations and metrics as a run never interrupted (the ptx sampler's state is in the checkpoint), and
-    the initial evaluation is reused rather than run again."""
+    """PPO-ptx (and GRPO with dynamic sampling on the checker's reward) killed with SIGKILL after its
+    second checkpoint and run again: the same iterations and metrics as a run never interrupted (the ptx
+    sampler's state is in the checkpoint; every sampling round's prompts come from the iteration's own
+    blocks of the prompt order), and the initial evaluation is reused rather than run again."""
     _, prepared = trained
     logs = {}
     for name in ("straight", "killed"):
@@ -523,7 +527,11 @@ def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_
             shutil.copytree(prepared / stage, run_dir / stage)
         recipe_path = tmp_path / f"{name}.yaml"
         ppo_args = {"num_iterations": 6, "save_steps": 2, "ptx_coef": 0.5, **estimator_args}
-        recipe_path.write_text(yaml.safe_dump(pipeline(run_dir, ppo_args, ptx_data=TOY_DATA)))
+        recipe = pipeline(run_dir, ppo_args, ptx_data=TOY_DATA)
+        if estimator_args.get("dynamic_sampling"):  # the checker alone, so that some groups score all the same
+            recipe["stages"][2] |= {"reward_function": CHECKER, "value_from": "policy"}
+            del recipe["stages"][2]["reward_from"]
+        recipe_path.write_text(yaml.safe_dump(recipe))
         if name == "killed":
             process = run_ppo_stage(run_dir, recipe_path)
             checkpoint = run_dir / ".work" / "ppo" / "ppo_checkpoint" / "trainer_state.json"
@@ -557,6 +565,8 @@ def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(trained, tmp_
         == [1, 2, 3, 4, 5, 6]
     )
     assert "loss/ptx_avg" in logs["straight"][-1]
+    if estimator_args.get("dynamic_sampling"):
+        assert max(row["rollout/sampling_rounds"] for row in logs["straight"]) > 1
     for straight, resumed in zip(logs["straight"], logs["killed"], strict=True):
         for key, value in straight.items():
             if not key.startswith(("time/", "tokens_per_second/")):
@@ -825,3 +835,25 @@ def test_dynamic_sampling_trains_on_groups_whose_checker_scores_differ(trained, 
     assert metrics["objective/gold_accuracy"] * metrics["rollout/sampled_episodes"] >= sum(rollout.gold)
     update = trainer.update(rollout)
     assert update["rollout/sampling_rounds"] == rounds and math.isfinite(update["loss/policy_avg"])
+
+
+@pytest.mark.parametrize(("release_memory", "releases"), [("phase", 0), ("step", 4)])
+def test_release_memory_step_hands_freed_memory_back_after_every_optimiser_step(
+    trained, tmp_path, monkeypatch, release_memory, releases
+):
+    """`release_memory: step` trims glibc's heap after each of the update's optimiser steps (2 epochs × 2
+    mini-batches here); "phase" leaves it to the loop, after the whole update."""
+    import alignment.ppo.trainer as trainer_module
+
+    recipe, _ = trained
+    calls = []
+
+    def counted() -> None:
+        calls.append(1)
+        release_freed_memory()  # the real trim, counted
+
+    monkeypatch.setattr(trainer_module, "release_freed_memory", counted)
+    trainer = make_trainer(recipe, tmp_path / "work", release_memory=release_memory, num_mini_batches=2,
+                           num_ppo_epochs=2)  # fmt: skip
+    trainer.update(trainer.rollout(trainer._prompt_batch(0)))
+    assert len(calls) == releases

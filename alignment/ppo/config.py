@@ -121,6 +121,14 @@ class PPOConfig:
         ptx_coef: PPO-ptx: weight gamma_ptx of the language-modelling loss on SFT or pre-training data,
             added to keep the policy's performance on public tasks; 0 is plain PPO.
 
+        > Memory
+
+        release_memory: When the loop hands memory that glibc's malloc keeps after frees back to the OS
+            (`malloc_trim`; CPU tensors come from malloc): "phase", after each rollout and each update;
+            "step", after every optimiser step as well, which keeps the update's peak RSS near its live
+            tensors instead of its fragmented high-water mark, at some update speed (freed pages are
+            faulted in again). Nothing on GPUs, where tensors live in CUDA's caching allocator.
+
         > Logging and checkpoints (in iterations)
 
         logging_steps: Log the metrics every this many iterations.
@@ -177,6 +185,9 @@ class PPOConfig:
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
     ptx_coef: float = 0.0
+
+    # Memory
+    release_memory: Literal["phase", "step"] = "phase"
 
     # Logging and checkpoints
     logging_steps: int = 1

@@ -554,6 +554,8 @@ class PPOTrainer:
                     self.accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
+                if config.release_memory == "step":
+                    release_freed_memory()
 
         metrics = {key: torch.stack(values).mean().item() for key, values in stats.items()}  # one host sync
         metrics |= rollout.sampling_metrics
