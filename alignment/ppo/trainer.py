@@ -373,7 +373,8 @@ class PPOTrainer:
     def _sample_scored(self, rows: Sequence[dict]) -> tuple[ScoredResponses, int]:
         """Samples and scores `rows`; with `dynamic_sampling`, further prompt batches of this iteration too,
         until every process holds `rollout_batch_size` groups whose scores differ or the rounds run out.
-        The merged sampling copy lives across the rounds and is freed before the last scoring."""
+        The merged sampling copy lives across the rounds; after the last possible round it is freed before
+        the scoring, as without dynamic sampling."""
         config = self.config
         parts: list[ScoredResponses] = []
         with contextlib.ExitStack() as sampling:
