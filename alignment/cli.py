@@ -1,4 +1,4 @@
-"""The `alignment` command: run, validate, generate, score, compare, report, export."""
+"""The `alignment` command: run, validate, generate, score, compare, report, export, env."""
 
 from __future__ import annotations
 
@@ -110,6 +110,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    """What a bug report needs: versions, the device and its precision, the memory allocator."""
+    import platform
+
+    import torch
+
+    from alignment.allocator import allocator_description
+    from alignment.models.precision import native_bfloat16
+    from alignment.stages.base import library_versions
+
+    if torch.cuda.is_available():
+        device = f"cuda: {torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}"
+    else:
+        device = f"cpu: {torch.get_num_threads()} threads"
+    facts = {
+        **library_versions(),
+        "platform": platform.platform(),
+        "device": device,
+        "native bfloat16": "yes" if native_bfloat16() else "no (compute_dtype auto → float32)",
+        "allocator": allocator_description(),
+    }
+    for name, value in facts.items():
+        print(f"{name}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignment", description="SFT → reward model → PPO/DPO on one 4-bit base.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     export.add_argument("--push-to-hub", metavar="REPO", help="also upload it (needs `huggingface-cli login`)")
     export.set_defaults(func=cmd_export)
+
+    commands.add_parser("env", help="versions, device, precision and memory allocator").set_defaults(func=cmd_env)
     return parser
 
 

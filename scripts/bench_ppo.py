@@ -19,10 +19,12 @@ four separate models". The model is Llama-shaped with random weights (the toy to
 a 512-token vocabulary by default, as in issue 16), so responses run to the length limit and every
 configuration does the same work.
 
-Each configuration runs in a fresh process with the allocator a user's process has (glibc's
-defaults: its RSS includes freed memory glibc keeps, which is what a user sees). `--live-rss` fixes
-glibc's mmap threshold instead, so RSS follows the live tensors (to find where memory goes); it slows
-every configuration, and ours most, since bitsandbytes allocates a dequantized weight in every pass.
+Each configuration runs in a fresh process with the allocator the `alignment` command gives it
+(`--allocator auto`: tcmalloc, mimalloc or jemalloc when installed, see `alignment.allocator`; each
+row says which ran). `--allocator system` keeps the C library's malloc: glibc's RSS then includes the
+freed memory it keeps, and `--live-rss` fixes glibc's mmap threshold so RSS follows the live tensors
+(to find where memory goes; slower for every configuration, and ours most, since bitsandbytes
+allocates a dequantized weight in every pass).
 Reported: episodes per second over the iterations after the first (which pays one-time
 initialisation), seconds per rollout and per update, and peak RSS per phase (the kernel's VmHWM,
 reset before each phase): loading, rollout (sampling and the role passes) and update (the PPO
@@ -55,6 +57,8 @@ from bench_ppo_memory import (
     save_random_llama,
     status_mib,
 )
+
+from alignment.allocator import ALLOCATOR_VARIABLE, SYSTEM, active_allocator, allocator_library, preload_environment
 
 CONFIGURATIONS = {
     "shared-4bit": "ours: one 4-bit base + 4 LoRA adapters",
@@ -236,6 +240,7 @@ def child(configuration: str, model_dir: Path, args: argparse.Namespace) -> dict
         trainer = separate_trainer(roles=roles, **common) if roles else measured_trainer(model=model, **common)
         result = {
             "configuration": configuration,
+            "allocator": active_allocator(),
             "rss_after_imports_mib": rss_after_imports,
             "peak_rss_loading_mib": peak_rss_mib(),
             "rss_after_loading_mib": rss_mib(),
@@ -267,7 +272,10 @@ def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> 
                  "lora_rank", "threads", "compute_dtype")  # fmt: skip
     for key in passed_on:
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    environment = dict(os.environ)
+    library = allocator_library(args.allocator)
+    environment = preload_environment(library)
+    if library is None:  # the C library's malloc, whatever this process was started with
+        environment.pop("LD_PRELOAD", None)
     if args.live_rss:  # large buffers from mmap, returned when freed: RSS follows the live tensors
         environment |= {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     elif args.mmap_threshold is not None:  # only buffers from this size up come from mmap
@@ -275,7 +283,9 @@ def run_child(configuration: str, args: argparse.Namespace, model_dir: Path) -> 
     return child_result(command, environment, configuration)
 
 
-def allocator_setting(args: argparse.Namespace) -> str:
+def allocator_setting(args: argparse.Namespace, allocator: str) -> str:
+    if allocator != SYSTEM:
+        return f"{allocator} as malloc"
     if args.live_rss:
         return "glibc mmap threshold fixed at 64 KiB (live tensors)"
     if args.mmap_threshold is not None:
@@ -331,6 +341,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per child")
     parser.add_argument(
+        "--allocator",
+        default=os.environ.get(ALLOCATOR_VARIABLE, "auto"),
+        help="the children's malloc, as ALIGNMENT_ALLOCATOR (auto, tcmalloc, mimalloc, jemalloc, system or a path)",
+    )
+    parser.add_argument(
         "--live-rss",
         action="store_true",
         help="fix glibc's mmap threshold so RSS follows the live tensors (slower; the default is a user's allocator)",
@@ -380,7 +395,7 @@ def main() -> None:
             results.append(result)
     print(
         f"\n{machine()}. Peaks are whole-process RSS, "
-        f"{allocator_setting(args)} (imports alone: "
+        f"{allocator_setting(args, results[0]['allocator'])} (imports alone: "
         f"{results[0]['rss_after_imports_mib']:,.0f} MiB); episodes/s over iterations 2-{args.iterations}; "
         f"mean response {results[0]['response_tokens']:.1f} tokens.\n"
     )

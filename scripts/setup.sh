@@ -9,3 +9,7 @@ if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
 fi
 "$PYTHON" -m pip install -q -e ".[dev]"
 "$PYTHON" -c 'import alignment, torch, trl, peft, bitsandbytes, datasets, wandb; print(f"alignment {alignment.__version__} with torch {torch.__version__}, trl {trl.__version__}, peft {peft.__version__}")'
+"$PYTHON" -c 'import sys
+from alignment.allocator import INSTALL_HINT, allocator_library
+if sys.platform.startswith("linux") and allocator_library("auto") is None:
+    print(f"note: no caching malloc (tcmalloc or mimalloc) here; CPU training peaks higher on the system malloc: {INSTALL_HINT}")'

@@ -23,6 +23,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
+from alignment.allocator import active_allocator, release_freed_memory
 from alignment.data.build import TRAIN, build_stage_data
 from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
 from alignment.models.heads import active_adapter
@@ -32,7 +33,7 @@ from alignment.models.sampling import Responses, turn_suffix_ids
 from alignment.models.scoring import load_reward_role, score_conversations
 from alignment.names import POLICY, REFERENCE, SCORE_HEAD_FILE
 from alignment.ppo import core
-from alignment.ppo.trainer import PPOTrainer, release_freed_memory
+from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
 from alignment.report import curves_png, write_report
@@ -785,7 +786,8 @@ def test_merged_sampling_draws_what_the_adapters_draw_and_frees_its_copy(trained
     assert all(parameter is p for parameter, p in zip(quantized, params_4bit(merged), strict=True))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
+@pytest.mark.skipif(active_allocator() != "system" or not sys.platform.startswith("linux"),
+                    reason="glibc's malloc_trim: Linux with the C library's malloc only")  # fmt: skip
 def test_memory_a_phase_freed_goes_back_to_the_os_between_phases():
     """Tensors freed in the middle of glibc's heap stay in the process (the top of the heap pins them) until
     `release_freed_memory`, which the PPO loop calls after each rollout and each update."""

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from alignment.allocator import allocator_library
+
 from conftest import ROOT
 
 
@@ -38,6 +40,9 @@ def test_demo_recipe_learns_the_tasks_on_held_out_instances(tmp_path):
     assert metrics["eval/exact_match"] >= 0.80
     assert "eval_heldout_templates/exact_match" in metrics  # reported, not required to be high
     assert metrics["data/eval_rows"] >= 280
+    manifest = json.loads((output_dir / "sft" / "manifest.json").read_text())
+    caching = allocator_library() is not None  # the command restarts with tcmalloc/mimalloc/jemalloc if installed
+    assert (manifest["host"]["allocator"] != "system") == caching, manifest["host"]
     samples = (output_dir / "sft" / "samples" / "eval.jsonl").read_text().splitlines()
     assert len(samples) == 280
     report = (output_dir / "report.md").read_text()  # `alignment run` ends with the run's report

@@ -127,7 +127,8 @@ class PPOConfig:
             (`malloc_trim`; CPU tensors come from malloc): "phase", after each rollout and each update;
             "step", after every optimiser step as well, which keeps the update's peak RSS near its live
             tensors instead of its fragmented high-water mark, at some update speed (freed pages are
-            faulted in again). Nothing on GPUs, where tensors live in CUDA's caching allocator.
+            faulted in again). A caching malloc (`alignment.allocator`) needs neither. Nothing on GPUs,
+            where tensors live in CUDA's caching allocator.
 
         > Logging and checkpoints (in iterations)
 

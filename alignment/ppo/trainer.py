@@ -15,13 +15,12 @@ adapters are switched with `active_adapter`, which leaves requires_grad alone.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from alignment.allocator import missing_allocator_advice, release_freed_memory
 from alignment.evaluation.checkers import resolve_checker
 from alignment.io import read_json, write_json
 from alignment.models.heads import active_adapter, positions_from_mask
@@ -48,6 +48,8 @@ from alignment.names import POLICY, REFERENCE, VALUE
 from alignment.ppo import core
 from alignment.ppo.config import PPOConfig
 from alignment.tracking import Tracker
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = "ppo_checkpoint"  # accelerate's save_state folder in the stage's work folder
 TRAINER_STATE = "trainer_state.json"  # in it: counters, history, config, KL controller, PPO-ptx sampler
@@ -170,30 +172,6 @@ def _prompt_order(num_prompts: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed))
 
 
-def release_freed_memory() -> None:
-    """Hands the memory the last phase freed back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
-
-    PyTorch's CPU tensors come from malloc, and glibc keeps what a phase frees in its heaps: after one
-    update the process holds the update's high-water mark for good, and the next rollout and update
-    allocate around it. Trimming once per phase costs milliseconds.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # musl and other C libraries
-        return None
-
-
-_LIBC = _glibc()
-
-
 class PolicyAndValue(torch.nn.Module):
     """The trainable parts, the adapters on the shared base and the value head, in one module, so that
     accelerate prepares both and DDP averages all their gradients."""
@@ -237,6 +215,8 @@ class PPOTrainer:
         self.reward_stats, self.ptx_batches, self.seed = reward_stats, ptx_batches, seed
         self.accelerator = Accelerator(step_scheduler_with_optimizer=False)  # one scheduler step per optimiser step
         self.device = self.accelerator.device
+        if self.device.type == "cpu" and (advice := missing_allocator_advice()):
+            logger.warning(advice)
         self.compute_dtype = compute_dtype
         policy_and_value = PolicyAndValue(model, value_head.to(self.device) if value_head is not None else None)
         self.optimizer = torch.optim.AdamW(

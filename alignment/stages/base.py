@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from alignment.allocator import active_allocator
 from alignment.distributed import process_state
 from alignment.io import atomic_directory, write_json, write_text
 from alignment.names import MANIFEST, METRICS, RESOLVED_RECIPE
@@ -186,6 +187,7 @@ class Stage:
                 "platform": platform.platform(),
                 "pid": os.getpid(),
                 "num_processes": process_state().num_processes,
+                "allocator": active_allocator(),
             },
             "tracking": tracker.info(),
             **({"error": error} if error else {}),
