@@ -4,13 +4,14 @@ PyTorch's CPU tensors come from malloc. glibc's malloc fragments under a trainin
 large short-lived buffers of many sizes: in a PPO update on one 4-bit base it held about twice the
 live tensors, so the shared base's saving disappeared from the peak (docs/benchmarks.md, issue 16).
 tcmalloc and mimalloc keep freed blocks by size class and reuse them: the same update then peaks near
-its live memory, and runs no slower. An allocator can only replace malloc when a process
-starts (`LD_PRELOAD`), so the `alignment` command re-executes itself once with one preloaded.
+its live memory, and runs no slower. An allocator can only replace malloc when a process starts
+(`LD_PRELOAD`), so the `alignment` command re-executes itself once with one preloaded.
 
 `ALIGNMENT_ALLOCATOR` chooses: `auto` (the default: tcmalloc, else mimalloc, if installed), `tcmalloc`,
-`mimalloc`, `jemalloc` (as low a peak, but PPO's rollout ran 0.7× as fast as on glibc: not in `auto`),
-a path to an allocator's shared library, or `system` (the C library's malloc, unchanged). The libraries are system packages (Debian/Ubuntu: `apt install
-libtcmalloc-minimal4`); no Python package ships one. Linux only; elsewhere the system's malloc stays.
+`mimalloc`, `jemalloc` (as low a peak, but PPO ran 0.73× as fast as on glibc: not in `auto`), a path to
+an allocator's shared library, or `system` (the C library's malloc, unchanged). The libraries are
+system packages (Debian/Ubuntu: `apt install libtcmalloc-minimal4`); no Python package ships one.
+Linux only; elsewhere the system's malloc stays.
 """
 
 from __future__ import annotations
