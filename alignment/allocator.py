@@ -127,6 +127,8 @@ def _mapped_allocator() -> tuple[str, str] | None:
 
 def missing_allocator_advice() -> str | None:
     """A warning for CPU training that runs on the system's malloc without having asked for it, else None."""
+    if not sys.platform.startswith("linux"):  # no LD_PRELOAD to offer there
+        return None
     if active_allocator() != SYSTEM or os.environ.get(ALLOCATOR_VARIABLE, "auto") == SYSTEM:
         return None
     return ("training on the CPU with the C library's malloc, whose fragmentation can double the peak memory "

@@ -123,3 +123,11 @@ def test_cpu_training_on_the_system_malloc_warns_unless_asked_for(monkeypatch):
         assert "apt install libtcmalloc-minimal4" in advice and f"{ALLOCATOR_VARIABLE}=system" in advice
     monkeypatch.setenv(ALLOCATOR_VARIABLE, "system")
     assert missing_allocator_advice() is None
+
+
+def test_no_allocator_advice_where_the_command_cannot_preload_one(monkeypatch):
+    """macOS and Windows have no LD_PRELOAD: the command keeps their malloc and the trainer says nothing."""
+    monkeypatch.delenv(ALLOCATOR_VARIABLE, raising=False)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert missing_allocator_advice() is None
+    assert allocator_library("tcmalloc") is None
