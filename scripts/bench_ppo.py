@@ -20,8 +20,8 @@ a 512-token vocabulary by default, as in issue 16), so responses run to the leng
 configuration does the same work.
 
 Each configuration runs in a fresh process with the allocator the `alignment` command gives it
-(`--allocator auto`: tcmalloc, mimalloc or jemalloc when installed, see `alignment.allocator`; each
-row says which ran). `--allocator system` keeps the C library's malloc: glibc's RSS then includes the
+(`--allocator auto`: tcmalloc, else mimalloc, when installed, see `alignment.allocator`; the
+table says which ran). `--allocator system` keeps the C library's malloc: glibc's RSS then includes the
 freed memory it keeps, and `--live-rss` fixes glibc's mmap threshold so RSS follows the live tensors
 (to find where memory goes; slower for every configuration, and ours most, since bitsandbytes
 allocates a dequantized weight in every pass).
