@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("stage_dir", help="a stage output folder, RUN_DIR/STAGE")
     export.add_argument("out_dir", help="the model folder to write")
     export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    export.add_argument("--push-to-hub", metavar="REPO", help="also upload it (needs `huggingface-cli login`)")
+    export.add_argument("--push-to-hub", metavar="REPO", help="also upload it (needs `hf auth login` or HF_TOKEN)")
     export.set_defaults(func=cmd_export)
 
     commands.add_parser("env", help="versions, device, precision and memory allocator").set_defaults(func=cmd_env)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hub_server import HubProtocolServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment import cli
@@ -201,6 +202,32 @@ def test_push_to_hub_refuses_without_a_login_before_exporting(stories_run, tmp_p
     error = capsys.readouterr().err
     assert "not logged in to the Hugging Face Hub" in error and "hf auth login" in error
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # the help names the same login command, one the installed hub client has
+        cli.main(["export", "--help"])
+    assert "hf auth login" in capsys.readouterr().out
+
+
+def test_push_to_hub_uploads_the_exported_folder_as_it_is(stories_run, tmp_path, monkeypatch, capsys):
+    """The real hub client against a local server speaking the hub's upload protocol (the hub itself is not
+    reachable here): the repo is created, every exported file arrives byte for byte in one commit, and what
+    arrived loads with plain `transformers`."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    output_dir, _ = stories_run
+    out = tmp_path / "out"
+    with HubProtocolServer(tmp_path / "hub") as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        assert cli.main(["export", str(output_dir / "sft"), str(out), "--push-to-hub", "me/stories-sft"]) == 0
+    assert "and pushed it to me/stories-sft" in capsys.readouterr().out
+    assert ("POST", "/api/repos/create") in hub.requests
+    assert [commit["summary"] for commit in hub.commits] == ["alignment export of out"]
+    pushed = hub.repo_folder("me/stories-sft")
+    exported_files = sorted(path.relative_to(out) for path in out.rglob("*") if path.is_file())
+    assert sorted(path.relative_to(pushed) for path in pushed.rglob("*") if path.is_file()) == exported_files
+    assert all((pushed / name).read_bytes() == (out / name).read_bytes() for name in exported_files)
+    assert "model.safetensors" in {str(name) for name in exported_files}
+    assert AutoModelForCausalLM.from_pretrained(str(pushed)).config.model_type == "llama"
 
 
 def test_a_failed_push_says_so_and_leaves_the_exported_model_complete(stories_run, tmp_path, monkeypatch, capsys):
