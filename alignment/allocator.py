@@ -95,7 +95,17 @@ def restart_with_caching_allocator(module: str = "alignment") -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], preload_environment(library))
+    command = [sys.executable, *interpreter_options(), "-m", module, *sys.argv[1:]]
+    os.execve(sys.executable, command, preload_environment(library))
+
+
+def interpreter_options(original: list[str] | None = None, arguments: list[str] | None = None) -> list[str]:
+    """The options the interpreter itself was started with (`-X importtime`, `-W error`, `-O`, ...), so the
+    restarted process keeps them: what `sys.orig_argv` holds before the script (or `-m module`) and its arguments."""
+    original = sys.orig_argv if original is None else original
+    arguments = sys.argv if arguments is None else arguments
+    options = original[1 : len(original) - len(arguments)]
+    return options[:-1] if options[-1:] == ["-m"] else options  # `-m module` became sys.argv[0]
 
 
 def active_allocator() -> str:

@@ -16,6 +16,7 @@ from alignment.allocator import (
     AllocatorError,
     active_allocator,
     allocator_library,
+    interpreter_options,
     missing_allocator_advice,
     preload_environment,
 )
@@ -37,12 +38,12 @@ INSTALLED_AUTO = [name for name in AUTO if name in INSTALLED]
 NONE_INSTALLED = "no caching allocator installed here (Debian/Ubuntu: apt install libtcmalloc-minimal4)"
 
 
-def alignment_env(choice: str | None) -> subprocess.CompletedProcess:
+def alignment_env(choice: str | None, interpreter: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", ALLOCATOR_VARIABLE)}
     environment.pop("ALIGNMENT_ALLOCATOR_PRELOADED", None)
     if choice is not None:
         environment[ALLOCATOR_VARIABLE] = choice
-    command = [sys.executable, "-m", "alignment", "env"]
+    command = [sys.executable, *interpreter, "-m", "alignment", "env"]
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
 
 
@@ -95,6 +96,34 @@ def test_the_command_restarts_with_the_first_installed_allocator_and_system_keep
     name, file = reported_allocator(alignment_env(last))
     assert name == last and Path(file).is_file()
     assert reported_allocator(alignment_env(file)) == (last, file)
+
+
+@linux_only
+def test_the_restarted_command_keeps_the_interpreters_own_options():
+    """`python -X importtime -m alignment ...`: the process that runs the command (after the restart, so it
+    imports alignment.cli) was started with -X importtime too."""
+    if not INSTALLED_AUTO:
+        pytest.skip(NONE_INSTALLED)
+    result = alignment_env(None, ("-X", "importtime"))
+    assert reported_allocator(result)[0] == INSTALLED_AUTO[0]
+    assert any(line.endswith("| alignment.cli") for line in result.stderr.splitlines())
+
+
+def test_interpreter_options_are_what_came_before_the_script_or_module():
+    main = "/repo/alignment/__main__.py"
+    assert interpreter_options(
+        ["python", "-X", "importtime", "-m", "alignment", "run", "r.yaml"], [main, "run", "r.yaml"]
+    ) == [
+        "-X",
+        "importtime",
+    ]
+    assert interpreter_options(["python", "-m", "alignment", "env"], [main, "env"]) == []
+    assert interpreter_options(["python", "-malignment", "env"], [main, "env"]) == []
+    assert interpreter_options(["python", "-W", "error", "/bin/alignment", "env"], ["/bin/alignment", "env"]) == [
+        "-W",
+        "error",
+    ]
+    assert interpreter_options(["/usr/bin/python3", "/bin/alignment"], ["/bin/alignment"]) == []  # the console script
 
 
 @linux_only
