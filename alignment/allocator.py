@@ -99,13 +99,19 @@ def restart_with_caching_allocator(module: str = "alignment") -> None:
     os.execve(sys.executable, command, preload_environment(library))
 
 
-def interpreter_options(original: list[str] | None = None, arguments: list[str] | None = None) -> list[str]:
-    """The options the interpreter itself was started with (`-X importtime`, `-W error`, `-O`, ...), so the
-    restarted process keeps them: what `sys.orig_argv` holds before the script (or `-m module`) and its arguments."""
-    original = sys.orig_argv if original is None else original
-    arguments = sys.argv if arguments is None else arguments
-    options = original[1 : len(original) - len(arguments)]
-    return options[:-1] if options[-1:] == ["-m"] else options  # `-m module` became sys.argv[0]
+def interpreter_options(original: list[str] | None = None) -> list[str]:
+    """The options the interpreter itself was started with (`-X importtime`, `-W error`, `-O`, ...), read from
+    `sys.orig_argv` up to the script or `-m`, so the restarted process keeps them."""
+    words = iter((sys.orig_argv if original is None else original)[1:])
+    options = []
+    for word in words:
+        if word in ("-X", "-W", "--check-hash-based-pycs"):  # the options that take a separate value
+            options += [word, next(words, "")]
+        elif word.startswith("-") and not word.startswith(("-m", "-c")) and word not in ("-", "--"):
+            options.append(word)
+        else:  # the script, `-m module` or `-c command`: what follows is not the interpreter's
+            break
+    return options
 
 
 def active_allocator() -> str:

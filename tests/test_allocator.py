@@ -110,20 +110,16 @@ def test_the_restarted_command_keeps_the_interpreters_own_options():
 
 
 def test_interpreter_options_are_what_came_before_the_script_or_module():
-    main = "/repo/alignment/__main__.py"
-    assert interpreter_options(
-        ["python", "-X", "importtime", "-m", "alignment", "run", "r.yaml"], [main, "run", "r.yaml"]
-    ) == [
-        "-X",
-        "importtime",
-    ]
-    assert interpreter_options(["python", "-m", "alignment", "env"], [main, "env"]) == []
-    assert interpreter_options(["python", "-malignment", "env"], [main, "env"]) == []
-    assert interpreter_options(["python", "-W", "error", "/bin/alignment", "env"], ["/bin/alignment", "env"]) == [
+    assert interpreter_options(["python", "-X", "importtime", "-m", "alignment", "run", "-X"]) == ["-X", "importtime"]
+    assert interpreter_options(["python", "-Ximporttime", "-OO", "-W", "error", "-malignment"]) == [
+        "-Ximporttime",
+        "-OO",
         "-W",
         "error",
     ]
-    assert interpreter_options(["/usr/bin/python3", "/bin/alignment"], ["/bin/alignment"]) == []  # the console script
+    assert interpreter_options(["python", "-m", "alignment", "env"]) == []
+    assert interpreter_options(["/usr/bin/python3", "/bin/alignment", "-u"]) == []  # the console script
+    assert interpreter_options(["python", "-u", "wrapper.py", "-O"]) == ["-u"]  # a script that calls main()
 
 
 @linux_only
