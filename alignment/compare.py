@@ -61,7 +61,7 @@ def differing_keys(recipes: list[dict[str, Any]]) -> dict[str, list[Any]]:
     }
 
 
-def _cell(value: Any) -> str:
+def metric_cell(value: Any) -> str:
     if value is None:
         return ""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -79,16 +79,17 @@ def compare_runs(run_dirs: list[str | Path]) -> str:
         for metric in KEY_METRICS:
             values = [entry["metrics"].get(metric) if entry else None for entry in found]
             if any(value is not None for value in values):
-                rows.append(f"| {stage} | {metric} | " + " | ".join(_cell(value) for value in values) + " |")
+                rows.append(f"| {stage} | {metric} | " + " | ".join(metric_cell(value) for value in values) + " |")
         seconds = [entry["manifest"].get("duration_s") if entry else None for entry in found]
-        rows.append(f"| {stage} | wall time (s) | " + " | ".join(_cell(value) for value in seconds) + " |")
+        rows.append(f"| {stage} | wall time (s) | " + " | ".join(metric_cell(value) for value in seconds) + " |")
     recipes = [next(iter(stages.values()))["recipe"] for stages in runs.values()]
     differences = differing_keys(recipes)
     lines = ["\n**Recipe keys that differ**\n"]
     if differences:
         lines.append("| key | " + " | ".join(runs) + " |\n|" + " --- |" * (len(runs) + 1))
         lines += [
-            f"| {key} | " + " | ".join(_cell(value) for value in values) + " |" for key, values in differences.items()
+            f"| {key} | " + " | ".join(metric_cell(value) for value in values) + " |"
+            for key, values in differences.items()
         ]
     else:
         lines.append("none (besides output_dir)")

@@ -6,11 +6,13 @@ A policy stage (SFT, PPO, DPO) becomes a causal LM: its LoRA merged into the unq
 config whose stop tokens are every token that ended a turn in training. A reward stage becomes a
 one-label sequence classifier the same way, with the pad token set so it scores batches. The base is
 loaded unquantized: a QLoRA adapter merged into it scores as the 4-bit model did up to the base's
-quantization error (docs/benchmarks.md has the size of it on stories260k).
+quantization error (docs/benchmarks.md has the size of it on stories260k). Both carry a model card
+(`alignment.model_card`) for the hub page.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,14 +20,16 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from alignment.io import atomic_directory, write_json
+from alignment.model_card import model_card
 from alignment.models.loading import load_stage_recipe, resolve_model_path, split_reward_adapter
 from alignment.models.precision import torch_dtype
 from alignment.models.sampling import stop_token_ids
-from alignment.names import ADAPTER_CONFIG, MANIFEST
+from alignment.names import ADAPTER_CONFIG, MANIFEST, REWARD_STATS_FILE
 from alignment.stages.base import read_manifest
 
 POLICY_STAGES = ("sft", "ppo", "dpo")
 EXPORT_FILE = "alignment_export.json"  # in the exported folder: which stage it came from, and how
+MODEL_CARD = "README.md"  # the hub shows it as the model's page
 
 
 class ExportError(ValueError):
@@ -74,7 +78,8 @@ def export_stage(
     manifest = _check_stage(stage_dir)
     if push_to_hub:
         _require_hub_login(push_to_hub)  # before the merge, not after minutes of it
-    model = _merged(stage_dir, "reward" if manifest["type"] == "reward" else "policy", torch_dtype(dtype))
+    kind = "reward" if manifest["type"] == "reward" else "policy"
+    model = _merged(stage_dir, kind, torch_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))  # with the chat template used in training
     model.config.pad_token_id = tokenizer.pad_token_id
     if manifest["type"] in POLICY_STAGES:
@@ -86,6 +91,10 @@ def export_stage(
         write_json(
             Path(tmp) / EXPORT_FILE, {"stage": str(stage_dir.resolve()), "type": manifest["type"], "dtype": dtype}
         )
+        if kind == "reward" and (stage_dir / REWARD_STATS_FILE).exists():  # for standardising its rewards
+            shutil.copy2(stage_dir / REWARD_STATS_FILE, Path(tmp) / REWARD_STATS_FILE)
+        card = model_card(stage_dir, kind, dtype, where=push_to_hub or str(out_dir))
+        (Path(tmp) / MODEL_CARD).write_text(card)
     if push_to_hub:
         push_folder(out_dir, push_to_hub)
     return out_dir

@@ -2,10 +2,10 @@
 
 The hub itself cannot run here (no network but the package registries), so this stands in for it at the wire:
 the real `huggingface_hub` client talks to it over HTTP exactly as it talks to huggingface.co, through the
-endpoints an upload uses (who-am-I, create repo, preupload, commit). It answers "regular" to every preupload,
-so each file's bytes arrive base64-encoded inside the commit, and it writes them under `root/<repo id>/`,
-where a test can compare them with what was exported and load them. It refuses requests without a bearer
-token, as the hub does.
+endpoints an upload uses (who-am-I, create repo, validate a model card's metadata, preupload, commit). It
+answers "regular" to every preupload, so each file's bytes arrive base64-encoded inside the commit, and it
+writes them under `root/<repo id>/`, where a test can compare them with what was exported and load them.
+It refuses requests without a bearer token, as the hub does.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import yaml
+
 
 class HubProtocolServer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.requests: list[tuple[str, str]] = []  # (method, path), in order
         self.commits: list[dict] = []  # each commit's header
+        self.validated: list[dict] = []  # each model card's metadata the client had checked
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -62,6 +65,13 @@ class HubProtocolServer:
                     return self._reply(401, {"error": "Invalid credentials in Authorization header"})
                 if path == "/api/whoami-v2":
                     return self._reply(200, {"type": "user", "name": "tester", "orgs": []})
+                if path == "/api/validate-yaml":  # a README.md's metadata block, checked before the upload
+                    content = json.loads(body)["content"]
+                    metadata = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else {}
+                    if not isinstance(metadata, dict):
+                        return self._reply(400, {"errors": [{"message": "metadata must be a YAML mapping"}]})
+                    hub.validated.append(metadata)
+                    return self._reply(200, {"errors": [], "warnings": []})
                 if path == "/api/repos/create":
                     request = json.loads(body)
                     repo_id = f"{request.get('organization') or 'tester'}/{request['name']}"

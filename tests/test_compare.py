@@ -58,3 +58,15 @@ def test_alignment_run_writes_the_report_unless_told_not_to(tmp_path, capsys):
     report = (tmp_path / "with" / "report.md").read_text()
     assert f"| (all) | {metrics['eval/exact_match']:.3f} |" in report and "](report_files/sft.png)" in report
     assert not (tmp_path / "without" / "report.md").exists() and not (tmp_path / "without" / "report.html").exists()
+
+
+def test_a_model_card_names_hub_ids_as_base_and_data_never_local_folders_or_plugins(tmp_path):
+    from alignment.model_card import is_hub_id
+
+    assert is_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct", known=False)
+    assert is_hub_id("Anthropic/hh-rlhf", known=False)
+    assert not is_hub_id("toy", known=True)  # a plugin's name
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    assert not is_hub_id(str(tmp_path / "models" / "mine"), known=False)
+    assert not is_hub_id("./models/mine", known=False) and not is_hub_id("~/models/mine", known=False)
+    assert not is_hub_id("alpaca/train.jsonl", known=False)  # a relative file path, even if absent here

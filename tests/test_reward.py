@@ -438,6 +438,11 @@ def test_an_exported_reward_stage_is_a_plain_sequence_classifier_with_the_suites
     assert plain == pytest.approx(
         score_conversations(model, head, tokenizer, conversations, adapter="reward"), abs=1e-4
     )
+    card = (out / "README.md").read_text()  # the model card: a classifier, from the SFT stage, with its stats
+    assert "pipeline_tag: text-classification" in card and "- sft\n- reward\n" in card
+    stats = json.loads((stage / "reward_stats.json").read_text())
+    assert json.loads((out / "reward_stats.json").read_text()) == stats
+    assert f"mean {stats['mean']:.4g} and standard deviation {stats['std']:.4g}" in card
     trained = json.loads((stage / PAIR_REWARDS_FILE).read_text())[EVAL]["chosen"]  # the 4-bit model's
     print(
         f"exported reward vs the 4-bit model: max |Δ| {max(abs(a - b) for a, b in zip(plain, trained, strict=True)):.3f}"

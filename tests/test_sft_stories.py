@@ -180,6 +180,26 @@ def test_an_exported_sft_stage_loads_with_plain_transformers_and_gives_the_suite
     assert relative_error < 0.2
 
 
+def test_an_export_carries_a_model_card_with_its_lineage_metrics_and_how_to_load_it(stories_run, tmp_path):
+    """README.md: the metadata block the hub reads (read back with huggingface_hub's own parser), the stage's
+    metrics as in its metrics.json, and a loading snippet naming the folder."""
+    from huggingface_hub import ModelCard
+
+    output_dir, _ = stories_run
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(output_dir / "sft"), str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.tags == ["alignment", "sft"]
+    assert card.data.base_model is None  # a local folder, not a hub id the hub could link to
+    metrics = json.loads((output_dir / "sft" / "metrics.json").read_text())
+    assert "| eval/loss | train/loss |" in card.text
+    assert f" | {metrics['eval/loss']:.4g} | {metrics['train/loss']:.4g} |" in card.text
+    assert "# stories-sft · sft\n" in card.text and "(bfloat16)" in card.text
+    assert f'AutoModelForCausalLM.from_pretrained("{out}")' in card.text
+    assert "lora:" in card.text  # the resolved recipe
+
+
 def test_export_refuses_an_incomplete_stage_with_how_to_finish_it(stories_run, tmp_path, capsys):
     output_dir, _ = stories_run
     incomplete = tmp_path / "sft"
@@ -228,6 +248,8 @@ def test_push_to_hub_uploads_the_exported_folder_as_it_is(stories_run, tmp_path,
     assert all((pushed / name).read_bytes() == (out / name).read_bytes() for name in exported_files)
     assert "model.safetensors" in {str(name) for name in exported_files}
     assert AutoModelForCausalLM.from_pretrained(str(pushed)).config.model_type == "llama"
+    assert hub.validated and hub.validated[0]["tags"] == ["alignment", "sft"]  # the card's metadata, checked first
+    assert 'from_pretrained("me/stories-sft")' in (pushed / "README.md").read_text()  # the card names the repo
 
 
 def test_a_failed_push_says_so_and_leaves_the_exported_model_complete(stories_run, tmp_path, monkeypatch, capsys):
