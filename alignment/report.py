@@ -214,6 +214,16 @@ def starting_policy(stages: dict[str, dict], name: str) -> str | None:
     return start if start in stages and start != name else None
 
 
+def paired_answers(stages: dict[str, dict], samples: dict[str, dict], name: str) -> dict[str, list[tuple[dict, dict]]]:
+    """Split → (this policy stage's answer, its starting policy's) on the same prompts; empty for a stage that
+    did not start from a policy of the run. A PPO stage's own `eval_initial` answers stand for its start's."""
+    start = starting_policy(stages, name)
+    if start is None or stages[name]["manifest"].get("type") not in POLICY_STAGE_TYPES:
+        return {}
+    before = samples[start] | ({EVAL: samples[name][EVAL_INITIAL]} if EVAL_INITIAL in samples[name] else {})
+    return {split: joined(answers, before[split]) for split, answers in samples[name].items() if split in before}
+
+
 def joined(first: list[dict], second: list[dict]) -> list[tuple[dict, dict]]:
     """Rows of two sample files on the same prompts, in the first file's order."""
     if [row["prompt"] for row in first] == [row["prompt"] for row in second]:
@@ -335,10 +345,12 @@ def curves_png(history: list[dict], panels: list[tuple[str, list[str]]], title: 
 
 
 def group_table(
-    stages: dict[str, dict], split: str, metric: str
-) -> tuple[list[str], list[list[Any]], list[str]] | None:
+    stages: dict[str, dict], split: str, metric: str, paired: dict[str, dict[str, list[tuple[dict, dict]]]]
+) -> tuple[list[str], list[list[Any]], list[tuple[str, str]]] | None:
     """Per-group `metric` of every stage that has it on one split, a column per stage; flags where a policy
-    fell below its starting policy, or a reward model ranks a group below chance. (header, rows, warnings)."""
+    fell below its starting policy, or a reward model ranks a group below chance. A fall is ⚠ when the paired
+    per-prompt change (`paired`: stage → split → (its answer, its start's) on the same prompts) is below zero
+    beyond its 95% interval, ↓ when within it. (header, rows, [(flag, warning)])."""
     columns = [name for name, stage in stages.items() if _group_values(stage, split, metric)]
     if not columns:
         return None
@@ -353,15 +365,38 @@ def group_table(
             before = _group_values(stages[start], split, metric).get(group) if start else None
             kind = stages[name]["manifest"].get("type")
             if value is not None and before is not None and value < before - 1e-9:
-                flag = " ⚠"
-                warnings.append(f"{name}: {split} {group} fell from {before:.3f} ({start}) to {value:.3f}")
+                warning = f"{name}: {split} {group} fell from {before:.3f} ({start}) to {value:.3f}"
+                change = paired_change(paired.get(name, {}).get(split, []), group) if metric == "exact_match" else None
+                flag = "⚠"
+                if change is not None:
+                    mean, half_width, count = change
+                    flag = "⚠" if mean + half_width < 0 else "↓"
+                    warning += f"; paired over {count} prompts {mean:+.3f} ± {half_width:.3f} (95%)"
+                    warning += ", beyond noise" if flag == "⚠" else ", within noise"
+                warnings.append((flag, warning))
             elif value is not None and kind == "reward" and value < 0.5:
-                flag = " ⚠"
-                warnings.append(f"{name}: ranks {split} {group} pairs {value:.3f}, below chance")
-            row.append("" if value is None else f"{value:.3f}{flag}")
+                flag = "⚠"
+                warnings.append((flag, f"{name}: ranks {split} {group} pairs {value:.3f}, below chance"))
+            row.append("" if value is None else f"{value:.3f}{' ' + flag if flag else ''}")
         rows.append(row)
     header = ["group"] + [f"{name} ({stages[name]['manifest'].get('type')})" for name in columns]
     return header, rows, warnings
+
+
+def paired_change(pairs: list[tuple[dict, dict]], group: str) -> tuple[float, float, int] | None:
+    """Mean change in gold correctness from the second answer to the first over a group's prompts, the
+    half-width of its 95% interval (paired, normal approximation), and the prompt count."""
+    differences = [
+        float(ours["correct"]) - float(theirs["correct"])
+        for ours, theirs in pairs
+        if (group == ALL or ours.get("group") == group) and "correct" in ours and "correct" in theirs
+    ]
+    count = len(differences)
+    if count < 2:
+        return None
+    mean = sum(differences) / count
+    variance = sum((difference - mean) ** 2 for difference in differences) / (count - 1)
+    return mean, 1.96 * math.sqrt(variance / count), count
 
 
 def _group_values(stage: dict, split: str, metric: str) -> dict[str, float]:
@@ -395,24 +430,25 @@ def build_report(run_dir: Path, reward_dir: Path | None = None) -> tuple[Documen
         ],
     )  # fmt: skip
 
+    paired = {name: paired_answers(stages, samples, name) for name in stages}
     splits = sorted({split for name in stages for split in _splits(stages[name])} - {EVAL_INITIAL})
     for (metric, title), split in itertools.product(GROUP_METRICS.items(), splits):
-        table = group_table(stages, split, metric)
+        table = group_table(stages, split, metric, paired)
         if table is None:
             continue
         header, rows, warnings = table
         doc.heading(2, f"{title[0].upper()}{title[1:]} on `{split}`, per group")
         doc.table(header, rows)
-        numbers["warnings"] += warnings
-        for warning in warnings:
-            doc.text(f"⚠ {warning}")
+        numbers["warnings"] += [warning for _, warning in warnings]
+        for flag, warning in warnings:
+            doc.text(f"{flag} {warning}")
+        if any(flag == "↓" for flag, _ in warnings):
+            doc.text(
+                "↓: a fall within the 95% interval of the paired per-prompt change, which chance alone can explain."
+            )
 
     for name, stage in stages.items():
-        start = starting_policy(stages, name)
-        if start is None or stage["manifest"].get("type") not in POLICY_STAGE_TYPES:
-            continue
-        before = samples[start] | ({EVAL: samples[name][EVAL_INITIAL]} if EVAL_INITIAL in samples[name] else {})
-        common = {split: joined(answers, before[split]) for split, answers in samples[name].items() if split in before}
+        start, common = starting_policy(stages, name), paired[name]
         if not common:
             continue
         doc.heading(2, f"Win rates: {name} against {start}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from alignment import cli
 from alignment.recipes.load import load_recipe
 from alignment.runner import run_recipe
@@ -70,3 +72,35 @@ def test_a_model_card_names_hub_ids_as_base_and_data_never_local_folders_or_plug
     assert not is_hub_id(str(tmp_path / "models" / "mine"), known=False)
     assert not is_hub_id("./models/mine", known=False) and not is_hub_id("~/models/mine", known=False)
     assert not is_hub_id("alpaca/train.jsonl", known=False)  # a relative file path, even if absent here
+
+
+def test_the_report_tells_a_fall_beyond_noise_from_one_within_it():
+    """Group `a` falls from 40/40 to 0/40 correct (⚠), group `b` from 2/40 to 1/40 (↓: paired change −0.025 ±
+    1.96 × sd/√40, which includes zero)."""
+    from alignment.report import group_table, paired_change
+
+    def stage(kind: str, start: str | None, correct: dict[str, int]) -> dict:
+        metrics = {f"eval/exact_match/{group}": count / 40 for group, count in correct.items()}
+        stages = [{"name": "sft", "type": "sft"}, {"name": "dpo", "type": "dpo", "init_from": start}]
+        return {"manifest": {"type": kind}, "metrics": metrics, "recipe": {"stages": stages}}
+
+    def answers(correct: dict[str, int]) -> list[dict]:
+        return [
+            {"prompt": f"{group}{i}", "group": group, "correct": i < count}
+            for group, count in correct.items()
+            for i in range(40)
+        ]
+
+    before, after = {"a": 40, "b": 2}, {"a": 0, "b": 1}
+    stages = {"sft": stage("sft", None, before), "dpo": stage("dpo", "sft", after)}
+    pairs = list(zip(answers(after), answers(before), strict=True))
+    mean, half_width, count = paired_change(pairs, "b")
+    assert (mean, count) == (-0.025, 40) and half_width == pytest.approx(1.96 * (0.025 * 0.975 * 40 / 39 / 40) ** 0.5)
+    header, rows, warnings = group_table(stages, "eval", "exact_match", {"dpo": {"eval": pairs}})
+    assert header == ["group", "sft (sft)", "dpo (dpo)"]
+    assert rows[1:] == [["a", "1.000", "0.000 ⚠"], ["b", "0.050", "0.025 ↓"]]  # rows[0]: (all), not given here
+    assert warnings[0] == (
+        "⚠",
+        "dpo: eval a fell from 1.000 (sft) to 0.000; paired over 40 prompts -1.000 ± 0.000 (95%), beyond noise",
+    )
+    assert warnings[1][0] == "↓" and warnings[1][1].endswith("within noise")
