@@ -216,3 +216,46 @@ def test_the_cpu_recipe_never_trains_on_its_held_out_rows(smollm2, monkeypatch):
     assert len(prompts["reward"][EVAL]) >= 100 and len(prompts["ppo"][EVAL]) >= 64
     for stage in prompts:
         assert not prompts[stage][TRAIN] & held_out, stage
+
+
+def test_exports_of_a_chat_model_whose_pad_token_ends_its_turns_load_and_score_as_the_suite(pipeline, tmp_path):
+    """SmolLM2 pads with `<|im_end|>`, its end-of-turn token, which is where transformers' sequence classifiers
+    look for padding. The exported reward model, batched and padded by its own tokenizer, still reads each
+    conversation's last real token and gives the suite's rewards (same unquantized base, 1e-4); the exported
+    PPO policy stops at `<|im_end|>` under plain `generate`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignment import cli
+    from alignment.models.loading import load_base_model
+    from alignment.models.scoring import load_reward_role
+
+    recipe, output_dir = pipeline
+    reward_out, policy_out = tmp_path / "reward", tmp_path / "policy"
+    assert cli.main(["export", str(output_dir / "reward"), str(reward_out), "--dtype", "float32"]) == 0
+    assert cli.main(["export", str(output_dir / "ppo"), str(policy_out), "--dtype", "float32"]) == 0
+
+    tokenizer = AutoTokenizer.from_pretrained(str(reward_out))
+    assert tokenizer.pad_token_id == END_OF_TURN
+    conversations = [
+        [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+        [{"role": "user", "content": "Tell me a joke about cats, please."}, {"role": "assistant", "content": "No."}],
+    ]
+    texts = [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    assert (batch["input_ids"] == END_OF_TURN).any(dim=1).all()  # ends of turns and the padding share the id
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(reward_out)).eval()
+    with torch.no_grad():
+        exported = classifier(**batch).logits[:, 0].tolist()
+    recipe.model.quantization.mode = "none"
+    model, head = load_reward_role(load_base_model(recipe.model), output_dir / "reward")
+    suite = score_conversations(model.eval(), head, tokenizer, conversations, adapter=REWARD)
+    assert exported == pytest.approx(suite, abs=1e-4)
+
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_out)).eval()
+    assert END_OF_TURN in policy.generation_config.eos_token_id
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hi."}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    answer = policy.generate(**prompt, max_new_tokens=64, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+    assert answer[-1].item() == END_OF_TURN or len(answer) == 64
+    assert END_OF_TURN not in answer[:-1].tolist()  # nothing generated past the end of the turn
