@@ -58,6 +58,8 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
         ("value loss", ["loss/value_avg"]),
         ("response length", ["val/mean_response_length"]),
         ("gold accuracy (rollouts)", ["objective/gold_accuracy"]),
+        ("reward std within groups (GRPO, RLOO)", ["group/reward_std"]),
+        ("groups of equal rewards (no signal)", ["group/equal_reward_share"]),
     ],
 }
 # Evaluation metrics with one value per group (`<split>/<metric>/<group>`): a table each.
@@ -301,6 +303,16 @@ def win_rates(
 # ---- plots -------------------------------------------------------------------------------------
 
 
+def logged_panels(history: list[dict], panels: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """The panels whose quantities the log has, each with the keys it plots (`prefix/*` matches a family)."""
+    logged = list(dict.fromkeys(key for row in history for key in row))
+    present = [
+        (name, [key for pattern in keys for key in logged if key == pattern or _under(key, pattern)])
+        for name, keys in panels
+    ]
+    return [(name, keys) for name, keys in present if keys]
+
+
 def curves_png(history: list[dict], panels: list[tuple[str, list[str]]], title: str) -> bytes | None:
     """One figure of the stage's training curves, a panel per quantity; None when the log has none of them."""
     import matplotlib
@@ -308,12 +320,7 @@ def curves_png(history: list[dict], panels: list[tuple[str, list[str]]], title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logged = list(dict.fromkeys(key for row in history for key in row))
-    present = [
-        (name, [key for pattern in keys for key in logged if key == pattern or _under(key, pattern)])
-        for name, keys in panels
-    ]
-    present = [(name, keys) for name, keys in present if keys]
+    present = logged_panels(history, panels)
     if not present:
         return None
     columns = min(3, len(present))

@@ -36,7 +36,7 @@ from alignment.ppo import core
 from alignment.ppo.trainer import PPOTrainer
 from alignment.recipes.load import load_recipe, validate_recipe
 from alignment.recipes.validate import RecipeError
-from alignment.report import curves_png, write_report
+from alignment.report import CURVES, curves_png, logged_panels, write_report
 from alignment.runner import make_stage, run_recipe
 from alignment.tracking import Tracker, read_offline_run
 
@@ -494,6 +494,10 @@ def test_grpo_runs_without_a_value_role_and_without_a_reference_pass_at_kl_coef_
     assert not (run_dir / "ppo" / "adapters" / "value").exists()
     history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
     assert all("loss/value_avg" not in row for row in history)
+    panels = dict(logged_panels(history, CURVES["ppo"]))  # the report plots the group quantities, no value loss
+    assert panels["reward std within groups (GRPO, RLOO)"] == ["group/reward_std"]
+    assert panels["groups of equal rewards (no signal)"] == ["group/equal_reward_share"]
+    assert "value loss" not in panels and "KL to the SFT policy" not in panels
 
 
 def run_ppo_stage(run_dir: Path, recipe_path: Path) -> subprocess.Popen:
