@@ -117,7 +117,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     import torch
 
     from alignment.allocator import allocator_description
-    from alignment.models.precision import native_bfloat16
+    from alignment.models.precision import cpu_4bit_kernel, native_bfloat16
     from alignment.stages.base import library_versions
 
     if torch.cuda.is_available():
@@ -130,6 +130,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         "device": device,
         "native bfloat16": "yes" if native_bfloat16() else "no (compute_dtype auto → float32)",
         "allocator": allocator_description(),
+        "4-bit cpu kernel": cpu_4bit_kernel(),
     }
     for name, value in facts.items():
         print(f"{name}: {value}")

@@ -90,7 +90,9 @@ def test_the_command_restarts_with_the_first_installed_allocator_and_system_keep
     (read from /proc/self/maps), and `system` keeps the C library's."""
     if not INSTALLED:
         pytest.skip(NONE_INSTALLED)
-    assert reported_allocator(alignment_env(None))[0] == (INSTALLED_AUTO[0] if INSTALLED_AUTO else "system")
+    default = alignment_env(None)
+    assert reported_allocator(default)[0] == (INSTALLED_AUTO[0] if INSTALLED_AUTO else "system")
+    assert "4-bit cpu kernel: bitsandbytes built-in" in default.stdout and "Failed to load" not in default.stderr
     assert reported_allocator(alignment_env("system")) == ("system", None)
     last = INSTALLED[-1]  # a named one, and the same one given by path
     name, file = reported_allocator(alignment_env(last))

@@ -3,6 +3,8 @@ otherwise, for every shipped recipe; a recipe may still name a dtype and get it.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,19 @@ def test_float32_compute_keeps_the_embeddings_in_float32(tmp_path):
     )
     model = load_base_model(config)
     assert model.get_input_embeddings().weight.dtype == model.get_output_embeddings().weight.dtype == torch.float32
+
+
+def test_the_command_drops_bitsandbytes_hub_kernel_notice_and_nothing_else():
+    """On AVX512-BF16 CPUs bitsandbytes logs a "Failed to load" warning for an optional hub kernel at import;
+    the command filters that line only. Run in a fresh interpreter, with the command's own entry point."""
+    code = (
+        "import logging, sys\n"
+        "from alignment.models.precision import HUB_KERNEL_LOGGER, hush_hub_kernel_notice\n"
+        "hush_hub_kernel_notice()\n"
+        "logger = logging.getLogger(HUB_KERNEL_LOGGER)\n"
+        "logger.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please pip install', 'x')\n"
+        "logger.warning('some other bitsandbytes warning')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "kernels-community" not in result.stderr and "some other bitsandbytes warning" in result.stderr
