@@ -188,6 +188,14 @@ def test_every_dpo_option_passes_through_args(tmp_path):
     args = stage.trl_args(Tracker(recipe, recipe.stage("dpo"), tmp_path, {}))
     assert args.loss_type == ["ipo", "hinge", "robust", "apo_zero"] and args.beta == 0.05
     assert args.label_smoothing == 0.1 and args.precompute_ref_log_probs
+    assert args.dataloader_pin_memory == torch.cuda.is_available()  # no pinning (nor its warning) without a GPU
+    raw["stages"][1]["args"]["dataloader_pin_memory"] = True  # the recipe still decides
+    recipe = validate_recipe(raw)
+    assert (
+        make_stage(recipe, recipe.stage("dpo"))
+        .trl_args(Tracker(recipe, recipe.stage("dpo"), tmp_path, {}))
+        .dataloader_pin_memory
+    )
 
 
 def test_init_from_is_required_and_must_name_an_earlier_stage():

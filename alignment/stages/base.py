@@ -107,6 +107,8 @@ class Stage:
     # ---- shared steps ----------------------------------------------------------------------
     def trl_args(self, tracker: Tracker, **stage_defaults: Any) -> Any:
         """The stage's TRL config: our defaults (folders, seed, tracking, precision), then the recipe's args."""
+        import torch
+
         from alignment.models.precision import trainer_precision_args
 
         defaults = {
@@ -115,6 +117,7 @@ class Stage:
             "run_name": f"{self.recipe.name}/{self.spec.name}",
             "report_to": tracker.report_to,
             **trainer_precision_args(self.recipe.model),
+            "dataloader_pin_memory": torch.cuda.is_available(),  # pinned pages only help copies to a GPU
             "save_total_limit": 1,
             "logging_steps": 10,
             **stage_defaults,
