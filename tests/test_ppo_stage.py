@@ -23,6 +23,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
+from alignment import cli
 from alignment.allocator import active_allocator, release_freed_memory
 from alignment.data.build import TRAIN, build_stage_data
 from alignment.models.chat_templates import BUILTIN_CHAT_TEMPLATES
@@ -409,6 +410,25 @@ def test_a_weighted_sum_of_a_reward_model_and_a_checker_logs_each_source(trained
     assert curves_png([{"iteration": 1, "objective/scores": 0.5}], panel, "ppo") is None
 
 
+def test_an_exported_reward_model_brings_its_statistics_and_ppo_normalises_with_them(trained, tmp_path):
+    """A reward stage exported (`alignment export`) and used as a separate `reward_model` in another run:
+    its reward_stats.json comes with it, and PPO standardises its scores as it does the reward stage's."""
+    _, prepared = trained
+    exported = tmp_path / "exported-rm"
+    assert cli.main(["export", str(prepared / "reward"), str(exported), "--dtype", "float32"]) == 0
+    stats = json.loads((exported / "reward_stats.json").read_text())
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared / "sft", run_dir / "sft")
+    raw = pipeline(run_dir, {"num_iterations": 1, "missing_eos_penalty": None}, value_from="policy")
+    raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
+    del raw["stages"][1]["reward_from"]
+    raw["stages"][1]["reward_model"] = {"name_or_path": str(exported), "dtype": "float32"}
+    run_recipe(validate_recipe(raw), only=["ppo"])
+    (first,) = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert first["objective/scores"] == pytest.approx((first["objective/raw_scores"] - stats["mean"]) / stats["std"])
+    assert abs(first["objective/raw_scores"] - stats["mean"]) > 1e-3  # so the check above can tell
+
+
 def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(trained, tmp_path):
     """A reward model of its own (here stories260k with a one-label head, saved as a hub reward model
     would be), loaded in 4-bit beside the shared toy base: PPO's scores are that model's own scores
@@ -421,7 +441,7 @@ def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(t
     AutoTokenizer.from_pretrained(STORIES).save_pretrained(reward_model_dir)
     run_dir = tmp_path / "run"
     shutil.copytree(prepared / "sft", run_dir / "sft")
-    raw = pipeline(run_dir, {"num_iterations": 1})
+    raw = pipeline(run_dir, {"num_iterations": 1, "missing_eos_penalty": None})
     raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
     ppo = raw["stages"][1]
     del ppo["reward_from"]
@@ -466,6 +486,8 @@ def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(t
     assert len(samples) == 16 and len({round(score, 4) for score in scores}) > 1
     assert {sample["ended"] for sample in samples} == {True, False}  # both renderings are checked
     assert metrics["eval/reward_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
+    (first,) = json.loads((run_dir / "ppo" / "log_history.json").read_text())  # no statistics: used as they come
+    assert first["objective/scores"] == pytest.approx(first["objective/raw_scores"])
 
 
 def test_grpo_runs_without_a_value_role_and_without_a_reference_pass_at_kl_coef_zero(trained, tmp_path):

@@ -72,7 +72,9 @@ class PPOConfig:
         > Reward
 
         normalize_reward: Standardise reward-model scores with the reward model's own mean and standard
-            deviation over its training data, so that one `kl_coef` means the same for any reward model.
+            deviation over its training data, so that one `kl_coef` means the same for any reward model:
+            a reward stage's statistics, or the `reward_stats.json` a separate reward model ships (as
+            `alignment export` writes it). A reward model without statistics is used as it comes.
         reward_clip: After normalisation, clip scores to [-reward_clip, reward_clip]; None: no clip.
         kl_estimator: Per-token KL estimate in the reward, with d = log pi_theta - log pi_SFT at the
             sampled token: "k1" = d (unbiased, can be negative per token); "k3" = (e^-d - 1) + d

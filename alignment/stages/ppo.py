@@ -23,7 +23,13 @@ from alignment.evaluation.generation import SAMPLE_COLUMNS, generate_responses, 
 from alignment.io import read_json, write_json, write_jsonl
 from alignment.models.batching import IGNORE_INDEX, pad_with_labels
 from alignment.models.heads import ScalarHead, affine_head, read_reward_stats, save_scalar_head
-from alignment.models.loading import attach_adapter, load_base_model, load_tokenizer, use_adapter
+from alignment.models.loading import (
+    attach_adapter,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+    use_adapter,
+)
 from alignment.models.precision import compute_dtype
 from alignment.models.scoring import (
     RewardSource,
@@ -39,6 +45,7 @@ from alignment.names import (
     LOG_HISTORY,
     POLICY,
     REFERENCE,
+    REWARD_STATS_FILE,
     SAMPLES_DIR,
     VALUE,
     reward_functions,
@@ -128,6 +135,19 @@ def load_reward_model(config: RewardModelConfig) -> tuple[Any, Any]:
     return model.eval().requires_grad_(False), tokenizer
 
 
+def reward_model_stats(config: RewardModelConfig) -> dict[str, float] | None:
+    """The reward statistics a separate reward model ships beside its weights (`reward_stats.json`, as
+    `alignment export` writes for a reward stage), from its folder or hub repo; None for any other model.
+    transformers' own file lookup, so a local folder, the hub and its cache are found the same way."""
+    from transformers.utils import cached_file
+
+    path = cached_file(
+        resolve_model_path(config), REWARD_STATS_FILE, revision=config.revision,
+        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
+    )  # fmt: skip
+    return read_json(Path(path)) if path else None
+
+
 class PtxSampler:
     """PPO-ptx batches of the SFT loss (prompt masked) drawn from `ptx_data`; draw n is seeded by (seed, n),
     so the count of draws is the whole state a checkpoint keeps."""
@@ -156,6 +176,13 @@ class PtxSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.draws = state["draws"]
+
+
+def normalized(source: RewardSource, stats: dict[str, float] | None) -> RewardSource:
+    """The source's scores standardised by its statistics; the source itself when it has none."""
+    if stats is None:
+        return source
+    return lambda responses: core.normalize_scores(source(responses), stats["mean"], stats["std"])
 
 
 @register
@@ -218,26 +245,29 @@ class PPOStage(Stage):
         model = attach_adapter(model, REFERENCE, from_path=sft_dir, trainable=False)
         config = PPOConfig(**spec.args)
         sources: list[RewardSource] = []
+        source_stats: list[dict[str, float] | None] = []  # each source's reward statistics, where it has them
         reward_stats = None
         if spec.reward_from:
             reward_dir = self.require_stage(spec.reward_from)
             model, reward_head = load_reward_role(model, reward_dir)
             sources.append(adapter_reward(model, reward_head, tokenizer))
             reward_stats = read_reward_stats(reward_dir)
+            source_stats.append(reward_stats)
         if spec.reward_model:
             sources.append(separate_model_reward(*load_reward_model(spec.reward_model), policy_tokenizer=tokenizer))
+            source_stats.append(reward_model_stats(spec.reward_model))
         if functions := reward_functions(spec.reward_function):
             references = {
                 row["prompt"][-1]["content"]: row["reference"] for split in data.splits.values() for row in split
             }
             sources += [function_reward(import_function(path), references) for path in functions]
+            source_stats += [None] * len(functions)  # a checker's scores are in its own units
         names = spec.reward_source_names()
         if len(sources) == 1 and not spec.reward_weights:
-            reward, trainer_reward_stats = sources[0], reward_stats  # the trainer normalises a reward model's scores
+            reward, trainer_reward_stats = sources[0], source_stats[0]  # the trainer normalises (and clips) them
         else:  # each reward model's scores normalised before the weighted sum, so weights compare like units
-            if reward_stats and config.normalize_reward:
-                reward_model, mean, std = sources[0], reward_stats["mean"], reward_stats["std"]
-                sources[0] = lambda responses: core.normalize_scores(reward_model(responses), mean, std)
+            if config.normalize_reward:
+                sources = [normalized(source, stats) for source, stats in zip(sources, source_stats, strict=True)]
             weighted = {
                 name: (source, spec.reward_weights.get(name, 1.0)) for name, source in zip(names, sources, strict=True)
             }
