@@ -495,6 +495,7 @@ def test_config_defaults_are_valid_and_derive_batch_sizes() -> None:
         ({"kl_estimator": "k2"}, "kl_estimator", "'k1', 'k3'"),
         ({"missing_eos_penalty": -1.0}, "missing_eos_penalty", "subtracted"),
         ({"save_steps": 0}, "save_steps", "at least 1"),
+        ({"reward_stats_prompts": -1}, "reward_stats_prompts", "0 (no estimate) or more"),
     ],
 )
 def test_config_rejects_impossible_values_naming_the_key(values: dict, key: str, message: str) -> None:

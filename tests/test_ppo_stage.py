@@ -425,8 +425,42 @@ def test_an_exported_reward_model_brings_its_statistics_and_ppo_normalises_with_
     raw["stages"][1]["reward_model"] = {"name_or_path": str(exported), "dtype": "float32"}
     run_recipe(validate_recipe(raw), only=["ppo"])
     (first,) = json.loads((run_dir / "ppo" / "log_history.json").read_text())
-    assert first["objective/scores"] == pytest.approx((first["objective/raw_scores"] - stats["mean"]) / stats["std"])
+    assert first["objective/scores"] == pytest.approx(
+        (first["objective/raw_scores"] - stats["mean"]) / stats["std"], abs=1e-5
+    )
     assert abs(first["objective/raw_scores"] - stats["mean"]) > 1e-3  # so the check above can tell
+
+
+def test_a_reward_models_statistics_come_from_the_initial_policys_answers_the_same_on_every_start(trained):
+    """Without shipped statistics, a separate reward model is standardised by its scores of the SFT policy's
+    sampled answers to `reward_stats_prompts` training prompts, taken in rollout-sized batches; seeded, so
+    a resumed run gets the same numbers, and the caller's random state is untouched."""
+    from alignment.stages.ppo import initial_policy_reward_stats
+
+    recipe, output_dir = trained
+    stage, tokenizer, data, (model, *_) = roles_of(recipe)
+    prompts = data.splits["train"]
+    config = stage.args_class(**{**recipe.stage("ppo").args, "reward_stats_prompts": 10, "rollout_batch_size": 4})
+    calls = []
+
+    def position_in_batch(responses):  # 0, 1, 2, 3 in each batch of four: 10 answers give 0-3, 0-3, 0-1
+        calls.append(len(responses))
+        return torch.arange(len(responses), dtype=torch.float32)
+
+    stats = initial_policy_reward_stats(model, tokenizer, position_in_batch, prompts, config, 0, torch.float32)
+    expected = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert calls == [4, 4, 2] and stats["count"] == 10 and stats["mean"] == pytest.approx(sum(expected) / 10)
+    assert stats["std"] == pytest.approx(torch.tensor(expected, dtype=torch.float64).std().item())
+
+    def response_length(responses):  # depends on what was sampled
+        return responses.response_mask.sum(dim=1).float()
+
+    before = torch.random.get_rng_state()
+    first = initial_policy_reward_stats(model, tokenizer, response_length, prompts, config, 0, torch.float32)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert initial_policy_reward_stats(model, tokenizer, response_length, prompts, config, 0, torch.float32) == first
+    with pytest.raises(RecipeError, match="reward_stats_prompts: the reward model gave all 10 answers"):
+        initial_policy_reward_stats(model, tokenizer, lambda r: torch.ones(len(r)), prompts, config, 0, torch.float32)
 
 
 def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(trained, tmp_path):
@@ -486,8 +520,11 @@ def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(t
     assert len(samples) == 16 and len({round(score, 4) for score in scores}) > 1
     assert {sample["ended"] for sample in samples} == {True, False}  # both renderings are checked
     assert metrics["eval/reward_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
-    (first,) = json.loads((run_dir / "ppo" / "log_history.json").read_text())  # no statistics: used as they come
-    assert first["objective/scores"] == pytest.approx(first["objective/raw_scores"])
+    # It ships no statistics: PPO standardised its scores by those of the SFT policy's answers.
+    (first,) = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    mean, std = metrics["reward_model_stats/mean"], metrics["reward_model_stats/std"]
+    assert metrics["reward_model_stats/count"] == 64 and std > 0
+    assert first["objective/scores"] == pytest.approx((first["objective/raw_scores"] - mean) / std, abs=1e-5)
 
 
 def test_grpo_runs_without_a_value_role_and_without_a_reference_pass_at_kl_coef_zero(trained, tmp_path):

@@ -256,6 +256,13 @@ def load_scalar_head(directory: str | Path, device: torch.device | str | None = 
     return head.to(device) if device is not None else head
 
 
+def reward_statistics(rewards: list[float]) -> dict[str, float]:
+    """Mean, (sample) standard deviation and count of a reward model's scores: what PPO normalises with."""
+    mean = sum(rewards) / len(rewards)
+    variance = sum((reward - mean) ** 2 for reward in rewards) / max(len(rewards) - 1, 1)
+    return {"mean": mean, "std": math.sqrt(variance), "count": len(rewards)}
+
+
 def read_reward_stats(stage_dir: str | Path) -> dict[str, float]:
     """The reward mean and std over the training prompts that a reward stage saved (PPO normalises with them)."""
     path = Path(stage_dir) / REWARD_STATS_FILE

@@ -74,7 +74,11 @@ class PPOConfig:
         normalize_reward: Standardise reward-model scores with the reward model's own mean and standard
             deviation over its training data, so that one `kl_coef` means the same for any reward model:
             a reward stage's statistics, or the `reward_stats.json` a separate reward model ships (as
-            `alignment export` writes it). A reward model without statistics is used as it comes.
+            `alignment export` writes it), else statistics estimated from the initial policy's answers
+            (`reward_stats_prompts`).
+        reward_stats_prompts: For a separate reward model that ships no statistics: how many training
+            prompts the initial (SFT) policy answers, sampled as in training, for the mean and standard
+            deviation of its scores (Ziegler et al. 2019 normalised so); 0: use its scores as they come.
         reward_clip: After normalisation, clip scores to [-reward_clip, reward_clip]; None: no clip.
         kl_estimator: Per-token KL estimate in the reward, with d = log pi_theta - log pi_SFT at the
             sampled token: "k1" = d (unbiased, can be negative per token); "k3" = (e^-d - 1) + d
@@ -165,6 +169,7 @@ class PPOConfig:
 
     # Reward
     normalize_reward: bool = True
+    reward_stats_prompts: int = 64
     reward_clip: float | None = None
     kl_estimator: KLEstimator = "k1"
     kl_coef: float = 0.05
@@ -222,6 +227,7 @@ class PPOConfig:
             "needs a group baseline (advantage_estimator grpo or rloo): under gae no group is without signal",
         )
         require(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be at least 1")
+        require(self.reward_stats_prompts >= 0, "reward_stats_prompts", "must be 0 (no estimate) or more")
         require(
             self.episodes_per_iteration % self.num_mini_batches == 0,
             "num_mini_batches",

@@ -22,7 +22,14 @@ from alignment.data.build import EVAL, TRAIN, build_stage_data
 from alignment.evaluation.generation import SAMPLE_COLUMNS, generate_responses, score_answers
 from alignment.io import read_json, write_json, write_jsonl
 from alignment.models.batching import IGNORE_INDEX, pad_with_labels
-from alignment.models.heads import ScalarHead, affine_head, read_reward_stats, save_scalar_head
+from alignment.models.heads import (
+    ScalarHead,
+    active_adapter,
+    affine_head,
+    read_reward_stats,
+    reward_statistics,
+    save_scalar_head,
+)
 from alignment.models.loading import (
     attach_adapter,
     load_base_model,
@@ -31,6 +38,7 @@ from alignment.models.loading import (
     use_adapter,
 )
 from alignment.models.precision import compute_dtype
+from alignment.models.sampling import sample
 from alignment.models.scoring import (
     RewardSource,
     WeightedReward,
@@ -178,6 +186,39 @@ class PtxSampler:
         self.draws = state["draws"]
 
 
+def initial_policy_reward_stats(
+    model: Any, tokenizer: Any, source: RewardSource, prompts: Any, config: PPOConfig, seed: int, dtype: torch.dtype
+) -> dict[str, float]:
+    """The mean and standard deviation of a reward model's scores of the answers the initial (SFT) policy
+    samples, as in training, to `reward_stats_prompts` training prompts: Ziegler et al. (2019) normalised
+    their reward model so, to make one `kl_coef` mean the same for any reward model. The prompts and the
+    sampling are seeded, and the policy adapter is the SFT one whenever the roles are built, so a resumed
+    run estimates the same statistics; the global random state is left as it was."""
+    count = min(config.reward_stats_prompts, len(prompts))
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    rows = [prompts[index]["prompt"] for index in order]
+    device = next(model.parameters()).device
+    model.eval()  # no dropout, as in every pass of training
+    scores: list[float] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), active_adapter(model, POLICY):
+        torch.manual_seed(seed)
+        for start in range(0, count, config.rollout_batch_size):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                sampled = sample(
+                    model, tokenizer, rows[start : start + config.rollout_batch_size],
+                    max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                )  # fmt: skip
+                scores += source(sampled).float().tolist()
+    stats = reward_statistics(scores)
+    if stats["std"] <= 0:
+        raise RecipeError(
+            "reward_stats_prompts",
+            f"the reward model gave all {count} answers of the initial policy the same score, so its scores "
+            "cannot be standardised; estimate over more prompts, or set normalize_reward: false",
+        )
+    return stats
+
+
 def normalized(source: RewardSource, stats: dict[str, float] | None) -> RewardSource:
     """The source's scores standardised by its statistics; the source itself when it has none."""
     if stats is None:
@@ -190,6 +231,7 @@ class PPOStage(Stage):
     type = "ppo"
     spec_class = PPOStageSpec
     args_class = PPOConfig
+    reward_model_stats: dict[str, float] | None = None  # set by build_roles when there is a separate reward model
 
     @classmethod
     def check_args(cls, args: dict[str, Any], path: str) -> dict[str, Any]:
@@ -215,6 +257,8 @@ class PPOStage(Stage):
             metrics |= self.initial_evaluation(trainer, eval_split, tracker)
         history = trainer.train()
         metrics |= {f"train/{key}": value for key, value in history[-1].items()} if history else {}
+        if self.reward_model_stats:  # what the separate reward model's scores were normalised with
+            metrics |= {f"reward_model_stats/{key}": value for key, value in self.reward_model_stats.items()}
         metrics |= data.metrics()
 
         roles = [POLICY, VALUE] if value_head is not None else [POLICY]
@@ -254,8 +298,16 @@ class PPOStage(Stage):
             reward_stats = read_reward_stats(reward_dir)
             source_stats.append(reward_stats)
         if spec.reward_model:
-            sources.append(separate_model_reward(*load_reward_model(spec.reward_model), policy_tokenizer=tokenizer))
-            source_stats.append(reward_model_stats(spec.reward_model))
+            source = separate_model_reward(*load_reward_model(spec.reward_model), policy_tokenizer=tokenizer)
+            stats = reward_model_stats(spec.reward_model)
+            if stats is None and config.normalize_reward and config.reward_stats_prompts > 0:
+                seed = config.seed if config.seed is not None else self.seed
+                stats = initial_policy_reward_stats(
+                    model, tokenizer, source, data.splits[TRAIN], config, seed, compute_dtype(recipe.model)
+                )
+            self.reward_model_stats = stats
+            sources.append(source)
+            source_stats.append(stats)
         if functions := reward_functions(spec.reward_function):
             references = {
                 row["prompt"][-1]["content"]: row["reference"] for split in data.splits.values() for row in split

@@ -35,7 +35,13 @@ from trl.trainer.reward_trainer import suppress_seqcls_warning
 from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
 from alignment.data.policy_pairs import PolicySamplesConfig, sample_policy_pairs
 from alignment.io import write_json, write_jsonl
-from alignment.models.heads import ScoreHeadConfig, build_score_head, decoder_stack, read_reward_stats
+from alignment.models.heads import (
+    ScoreHeadConfig,
+    build_score_head,
+    decoder_stack,
+    read_reward_stats,
+    reward_statistics,
+)
 from alignment.models.loading import SCORE_MODULE, attach_adapter, load_base_model, load_tokenizer, lora_config
 from alignment.models.scoring import score_conversations, trained_score_head
 from alignment.names import ADAPTER_WEIGHTS, LOG_HISTORY, POLICY, REWARD_STATS_FILE
@@ -194,12 +200,6 @@ def pair_table_rows(pairs: Dataset, chosen: list[float], rejected: list[float], 
             ]
         )
     return rows
-
-
-def reward_statistics(rewards: list[float]) -> dict[str, float]:
-    mean = sum(rewards) / len(rewards)
-    variance = sum((reward - mean) ** 2 for reward in rewards) / max(len(rewards) - 1, 1)
-    return {"mean": mean, "std": math.sqrt(variance), "count": len(rewards)}
 
 
 # --- The stage ------------------------------------------------------------------------------------
