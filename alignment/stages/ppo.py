@@ -153,7 +153,21 @@ def reward_model_stats(config: RewardModelConfig) -> dict[str, float] | None:
         resolve_model_path(config), REWARD_STATS_FILE, revision=config.revision,
         _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
     )  # fmt: skip
-    return read_json(Path(path)) if path else None
+    if path is None:
+        return None
+    try:
+        stats = read_json(Path(path))
+    except ValueError:  # not JSON at all
+        stats = Path(path).read_text(errors="replace")[:80]
+    valid = isinstance(stats, dict) and all(isinstance(stats.get(key), int | float) for key in ("mean", "std"))
+    if not valid or stats["std"] <= 0:
+        raise RecipeError(
+            "reward_model.name_or_path",
+            f'{path} is not reward statistics: expected {{"mean": ..., "std": ...}} with std above 0, as '
+            f"`alignment export` writes them; got {stats!r}. Fix or delete the file (then the initial policy's "
+            "answers give the statistics)",
+        )
+    return stats
 
 
 class PtxSampler:
