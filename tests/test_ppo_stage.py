@@ -19,6 +19,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
+from hub_server import HubProtocolServer
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
@@ -410,20 +411,35 @@ def test_a_weighted_sum_of_a_reward_model_and_a_checker_logs_each_source(trained
     assert curves_png([{"iteration": 1, "objective/scores": 0.5}], panel, "ppo") is None
 
 
-def test_an_exported_reward_model_brings_its_statistics_and_ppo_normalises_with_them(trained, tmp_path):
-    """A reward stage exported (`alignment export`) and used as a separate `reward_model` in another run:
-    its reward_stats.json comes with it, and PPO standardises its scores as it does the reward stage's."""
+def test_a_pushed_reward_model_brings_its_statistics_and_ppo_normalises_with_them(trained, tmp_path, monkeypatch):
+    """The ship loop: a reward stage exported and pushed (`alignment export --push-to-hub`), then named by its
+    repo id as another run's `reward_model`. It loads from the hub (a local server speaking the hub's
+    protocol; the hub itself is out of reach here) with its reward_stats.json, and PPO standardises its
+    scores with those statistics as it does a reward stage's."""
+    import huggingface_hub.constants
+
     _, prepared = trained
-    exported = tmp_path / "exported-rm"
-    assert cli.main(["export", str(prepared / "reward"), str(exported), "--dtype", "float32"]) == 0
-    stats = json.loads((exported / "reward_stats.json").read_text())
-    run_dir = tmp_path / "run"
-    shutil.copytree(prepared / "sft", run_dir / "sft")
-    raw = pipeline(run_dir, {"num_iterations": 1, "missing_eos_penalty": None}, value_from="policy")
-    raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
-    del raw["stages"][1]["reward_from"]
-    raw["stages"][1]["reward_model"] = {"name_or_path": str(exported), "dtype": "float32"}
-    run_recipe(validate_recipe(raw), only=["ppo"])
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with HubProtocolServer(tmp_path / "hub") as hub:
+        for name, value in hub.client_settings(tmp_path / "hub-cache").items():
+            monkeypatch.setattr(huggingface_hub.constants, name, value)
+        exported = tmp_path / "exported-rm"
+        assert (
+            cli.main(
+                ["export", str(prepared / "reward"), str(exported), "--dtype", "float32", "--push-to-hub", "me/toy-rm"]
+            )
+            == 0
+        )
+        stats = json.loads((exported / "reward_stats.json").read_text())
+        run_dir = tmp_path / "run"
+        shutil.copytree(prepared / "sft", run_dir / "sft")
+        raw = pipeline(run_dir, {"num_iterations": 1, "missing_eos_penalty": None}, value_from="policy")
+        raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
+        del raw["stages"][1]["reward_from"]
+        raw["stages"][1]["reward_model"] = {"name_or_path": "me/toy-rm", "dtype": "float32"}
+        metrics = run_recipe(validate_recipe(raw), only=["ppo"])["ppo"]
+    assert {"model.safetensors", "reward_stats.json"} <= set(hub.downloads)  # loaded from the hub, stats too
+    assert {key: metrics[f"reward_model_stats/{key}"] for key in stats} == stats
     (first,) = json.loads((run_dir / "ppo" / "log_history.json").read_text())
     assert first["objective/scores"] == pytest.approx(
         (first["objective/raw_scores"] - stats["mean"]) / stats["std"], abs=1e-5
