@@ -252,6 +252,32 @@ def test_push_to_hub_uploads_the_exported_folder_as_it_is(stories_run, tmp_path,
     assert 'from_pretrained("me/stories-sft")' in (pushed / "README.md").read_text()  # the card names the repo
 
 
+def test_a_base_model_named_by_hub_id_trains_exports_and_is_credited_on_the_card(tmp_path, monkeypatch):
+    """The hub-loading path of a base model: stories260k pushed to a local server speaking the hub's protocol,
+    named as `me/stories260k` at revision `main`. SFT trains on it, the manifest records the hub id, and the
+    export's card names it as `base_model` (the hub links the two)."""
+    import huggingface_hub.constants
+    from huggingface_hub import HfApi, ModelCard
+
+    need_shared(STORIES)
+    need_shared(ALPACA)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with HubProtocolServer(tmp_path / "hub") as hub:
+        for name, value in hub.client_settings(tmp_path / "hub-cache").items():
+            monkeypatch.setattr(huggingface_hub.constants, name, value)
+        HfApi().create_repo("me/stories260k")
+        HfApi().upload_folder(folder_path=str(STORIES), repo_id="me/stories260k")
+        raw = stories_recipe(tmp_path / "run", tracking_mode="disabled", max_steps=2)
+        raw["model"] |= {"name_or_path": "me/stories260k", "revision": "main"}
+        run_recipe(validate_recipe(raw))
+        assert cli.main(["export", str(tmp_path / "run" / "sft"), str(tmp_path / "out")]) == 0
+    assert "model.safetensors" in hub.downloads or "pytorch_model.bin" in hub.downloads
+    manifest = json.loads((tmp_path / "run" / "sft" / "manifest.json").read_text())
+    assert manifest["inputs"]["base_model"] == {"name_or_path": "me/stories260k", "revision": "main"}
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == "me/stories260k" and "trained from `me/stories260k`" in card.text
+
+
 def test_a_failed_push_says_so_and_leaves_the_exported_model_complete(stories_run, tmp_path, monkeypatch, capsys):
     """Logged in, but the hub cannot be reached (an endpoint where nothing listens): the real client fails,
     the error names the repo and how to upload later, and the exported folder is whole and loads."""
