@@ -355,9 +355,9 @@ def group_table(
     stages: dict[str, dict], split: str, metric: str, paired: dict[str, dict[str, list[tuple[dict, dict]]]]
 ) -> tuple[list[str], list[list[Any]], list[tuple[str, str]]] | None:
     """Per-group `metric` of every stage that has it on one split, a column per stage; flags where a policy
-    fell below its starting policy, or a reward model ranks a group below chance. A fall is ⚠ when the paired
-    per-prompt change (`paired`: stage → split → (its answer, its start's) on the same prompts) is below zero
-    beyond its 95% interval, ↓ when within it. (header, rows, [(flag, warning)])."""
+    fell below its starting policy, or a reward model ranks a group below chance: ⚠ when beyond the 95%
+    interval (of the paired per-prompt change, `paired`: stage → split → (its answer, its start's) on the
+    same prompts; or of the pair accuracy), ↓ when within it. (header, rows, [(flag, warning)])."""
     columns = [name for name, stage in stages.items() if _group_values(stage, split, metric)]
     if not columns:
         return None
@@ -382,8 +382,14 @@ def group_table(
                     warning += ", beyond noise" if flag == "⚠" else ", within noise"
                 warnings.append((flag, warning))
             elif value is not None and kind == "reward" and value < 0.5:
-                flag = "⚠"
-                warnings.append((flag, f"{name}: ranks {split} {group} pairs {value:.3f}, below chance"))
+                warning, flag = f"{name}: ranks {split} {group} pairs {value:.3f}, below chance", "⚠"
+                count = _group_values(stages[name], split, "num_pairs").get(group)
+                if count:  # a binomial proportion's interval (normal approximation), as for the whole split
+                    half_width = 1.96 * math.sqrt(value * (1 - value) / count)
+                    flag = "⚠" if value + half_width < 0.5 else "↓"
+                    warning += f"; {value:.3f} ± {half_width:.3f} (95%) over {count} pairs"
+                    warning += ", beyond noise" if flag == "⚠" else ", within noise"
+                warnings.append((flag, warning))
             row.append("" if value is None else f"{value:.3f}{' ' + flag if flag else ''}")
         rows.append(row)
     header = ["group"] + [f"{name} ({stages[name]['manifest'].get('type')})" for name in columns]
@@ -451,7 +457,8 @@ def build_report(run_dir: Path, reward_dir: Path | None = None) -> tuple[Documen
             doc.text(f"{flag} {warning}")
         if any(flag == "↓" for flag, _ in warnings):
             doc.text(
-                "↓: a fall within the 95% interval of the paired per-prompt change, which chance alone can explain."
+                "↓: below the starting policy (by the paired per-prompt change) or below chance (a reward model) "
+                "within the 95% interval, which chance alone can explain."
             )
 
     for name, stage in stages.items():

@@ -104,3 +104,22 @@ def test_the_report_tells_a_fall_beyond_noise_from_one_within_it():
         "dpo: eval a fell from 1.000 (sft) to 0.000; paired over 40 prompts -1.000 ± 0.000 (95%), beyond noise",
     )
     assert warnings[1][0] == "↓" and warnings[1][1].endswith("within noise")
+
+
+def test_a_reward_model_below_chance_is_flagged_beyond_noise_by_its_pair_count():
+    """0.125 over 40 pairs is below chance beyond its 95% interval (⚠); 0.4 over 10 is within it (↓)."""
+    from alignment.report import group_table
+
+    metrics = {"eval/pairwise_accuracy/c": 0.125, "eval/num_pairs/c": 40, "eval/pairwise_accuracy/d": 0.4}
+    metrics |= {"eval/num_pairs/d": 10, "eval/pairwise_accuracy/e": 0.9, "eval/num_pairs/e": 10}
+    stages = {"reward": {"manifest": {"type": "reward"}, "metrics": metrics, "recipe": {"stages": []}}}
+    _, rows, warnings = group_table(stages, "eval", "pairwise_accuracy", {})
+    assert rows[1:] == [["c", "0.125 ⚠"], ["d", "0.400 ↓"], ["e", "0.900"]]
+    assert warnings[0] == (
+        "⚠",
+        "reward: ranks eval c pairs 0.125, below chance; 0.125 ± 0.102 (95%) over 40 pairs, beyond noise",
+    )
+    assert warnings[1] == (
+        "↓",
+        "reward: ranks eval d pairs 0.400, below chance; 0.400 ± 0.304 (95%) over 10 pairs, within noise",
+    )

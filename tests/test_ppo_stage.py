@@ -200,6 +200,8 @@ def test_the_run_report_judges_ppo_against_its_start_as_the_metrics_and_samples_
     reward = numbers["win_rates"]["ppo"]["eval"]["reward model"]
     assert (reward.wins, reward.ties, reward.losses) == (outcomes.count(1), outcomes.count(0), outcomes.count(-1))
     reward_metrics = json.loads((run_dir / "reward" / "metrics.json").read_text())
+    group_counts = [value for key, value in reward_metrics.items() if key.startswith("eval/num_pairs/")]
+    assert len(group_counts) > 1 and sum(group_counts) == reward_metrics["eval/num_pairs"]  # each group's pairs
     below_chance = {  # the report flags each group (and the whole split) the reward model ranks below chance
         "(all)" if key == "eval/pairwise_accuracy" else key.split("/")[-1]
         for key, value in reward_metrics.items()

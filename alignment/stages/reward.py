@@ -182,6 +182,7 @@ def pair_metrics(chosen: list[float], rejected: list[float], groups: list[str], 
             by_group.setdefault(group, []).append(margin > 0)
     for group, hits in sorted(by_group.items()):
         metrics[f"{prefix}/pairwise_accuracy/{group}"] = sum(hits) / len(hits)
+        metrics[f"{prefix}/num_pairs/{group}"] = len(hits)  # for the report's interval of each group
     return metrics
 
 
