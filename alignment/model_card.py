@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub import ModelCardData
 
 from alignment.compare import KEY_METRICS, metric_cell
-from alignment.data.loading import LOCAL_BUILDERS
+from alignment.data.loading import is_local
 from alignment.io import read_json
 from alignment.names import METRICS, RESOLVED_RECIPE, REWARD_STATS_FILE
 from alignment.plugins import data_source, model_folder
@@ -60,8 +60,7 @@ def lineage(stage_dir: Path) -> list[tuple[str, Path, dict[str, Any]]]:
 
 def is_hub_id(name: str, known: bool) -> bool:
     """A hub repo id, not a plugin's name or a local path."""
-    local = name.startswith((".", "/", "~")) or Path(name).suffix in LOCAL_BUILDERS or Path(name).exists()
-    return not known and name.count("/") == 1 and not local
+    return not known and name.count("/") == 1 and not is_local(name)
 
 
 def model_card(stage_dir: Path, kind: str, dtype: str, where: str) -> str:

@@ -14,8 +14,9 @@ from alignment.data.build import EVAL, EVAL_HELD_OUT, TRAIN, build_stage_data
 from alignment.data.loading import DataError
 from alignment.data.templates import BUILTIN_TEMPLATE_SETS
 from alignment.recipes.schema import DatasetSpec, DataSpec
+from alignment.recipes.validate import RecipeError
 
-from conftest import ALPACA, ALPACA_DEMO, need_shared
+from conftest import ALPACA, ALPACA_DEMO, SHARED, need_shared
 
 
 def spec(*datasets: DatasetSpec, **kwargs) -> DataSpec:
@@ -254,3 +255,44 @@ def test_toy_pretraining_batch_puts_the_loss_on_answers_only():
             and answer[: -len(tokenizer.eos_token)].strip() == answer[: -len(tokenizer.eos_token)]
         )
         assert (labels[~mask.bool()] == -100).all()  # padding is never a label
+
+
+def test_a_hub_dataset_loads_from_its_subfolder_at_a_pinned_revision(tmp_path, monkeypatch):
+    """`path: owner/name` with `data_dir` and `revision`, through `datasets` against a local server that
+    speaks the hub's protocol (the hub itself is out of reach here): HH-RLHF's harmless-base test file,
+    uploaded under `harmless-base/`, loads whole at the commit that uploaded it; a revision the repo does
+    not have is an error naming the dataset and the revision."""
+    import shutil
+
+    from hub_server import HubProtocolServer
+    from huggingface_hub import HfApi
+
+    from alignment.data.loading import load_raw
+
+    hh = SHARED / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
+    need_shared(hh)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    (tmp_path / "upload" / "harmless-base").mkdir(parents=True)
+    shutil.copy(hh, tmp_path / "upload" / "harmless-base" / "test.jsonl.gz")
+    with HubProtocolServer(tmp_path / "hub") as hub:
+        for module, name, value in hub.client_settings(tmp_path / "cache"):
+            monkeypatch.setattr(module, name, value)
+        HfApi().create_repo("me/hh-rlhf", repo_type="dataset")
+        commit = (
+            HfApi().upload_folder(folder_path=str(tmp_path / "upload"), repo_id="me/hh-rlhf", repo_type="dataset").oid
+        )
+        spec = DatasetSpec(path="me/hh-rlhf", data_dir="harmless-base", revision=commit, split="test")
+        rows, columns = load_raw(spec, seed=0)
+        with pytest.raises(DataError, match="me/hh-rlhf: cannot load from the hub .*revision 'v9'"):
+            load_raw(DatasetSpec(path="me/hh-rlhf", data_dir="harmless-base", revision="v9", split="test"), seed=0)
+    with gzip.open(hh, "rt") as file:
+        expected = [json.loads(line) for line in file if line.strip()]
+    assert columns == ["chosen", "rejected"] and rows == expected
+    assert ("GET", f"/datasets/me/hh-rlhf/resolve/{commit}/harmless-base/test.jsonl.gz") in hub.requests
+
+
+def test_data_dir_and_revision_are_for_hub_datasets_only():
+    with pytest.raises(RecipeError, match="data_dir: only a hub dataset has one; toy is"):
+        DatasetSpec(path="toy", data_dir="x")
+    with pytest.raises(RecipeError, match="revision: only a hub dataset has one; data/train.jsonl is"):
+        DatasetSpec(path="data/train.jsonl", revision="main")

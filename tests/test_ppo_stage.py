@@ -418,13 +418,12 @@ def test_a_pushed_reward_model_brings_its_statistics_and_ppo_normalises_with_the
     repo id as another run's `reward_model`. It loads from the hub (a local server speaking the hub's
     protocol; the hub itself is out of reach here) with its reward_stats.json, and PPO standardises its
     scores with those statistics as it does a reward stage's."""
-    import huggingface_hub.constants
 
     _, prepared = trained
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     with HubProtocolServer(tmp_path / "hub") as hub:
-        for name, value in hub.client_settings(tmp_path / "hub-cache").items():
-            monkeypatch.setattr(huggingface_hub.constants, name, value)
+        for module, name, value in hub.client_settings(tmp_path / "hub-cache"):
+            monkeypatch.setattr(module, name, value)
         exported = tmp_path / "exported-rm"
         assert (
             cli.main(

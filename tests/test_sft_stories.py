@@ -256,15 +256,14 @@ def test_a_base_model_named_by_hub_id_trains_exports_and_is_credited_on_the_card
     """The hub-loading path of a base model: stories260k pushed to a local server speaking the hub's protocol,
     named as `me/stories260k` at revision `main`. SFT trains on it, the manifest records the hub id, and the
     export's card names it as `base_model` (the hub links the two)."""
-    import huggingface_hub.constants
     from huggingface_hub import HfApi, ModelCard
 
     need_shared(STORIES)
     need_shared(ALPACA)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     with HubProtocolServer(tmp_path / "hub") as hub:
-        for name, value in hub.client_settings(tmp_path / "hub-cache").items():
-            monkeypatch.setattr(huggingface_hub.constants, name, value)
+        for module, name, value in hub.client_settings(tmp_path / "hub-cache"):
+            monkeypatch.setattr(module, name, value)
         HfApi().create_repo("me/stories260k")
         HfApi().upload_folder(folder_path=str(STORIES), repo_id="me/stories260k")
         raw = stories_recipe(tmp_path / "run", tracking_mode="disabled", max_steps=2)

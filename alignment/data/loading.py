@@ -100,9 +100,13 @@ def load_raw(spec: DatasetSpec, seed: int) -> tuple[list[dict], list[str]]:
             raise DataError(f"{spec.path}: cannot load: {error}") from error
     else:
         try:
-            dataset = load_dataset(spec.path, spec.name, split=spec.split)
+            dataset = load_dataset(
+                spec.path, spec.name, data_dir=spec.data_dir, revision=spec.revision, split=spec.split
+            )
         except Exception as error:
-            raise DataError(f"{spec.path}: cannot load from the hub (split {spec.split!r}): {error}") from error
+            given = {"data_dir": spec.data_dir, "revision": spec.revision, "split": spec.split}
+            where = ", ".join(f"{key} {value!r}" for key, value in given.items() if value)
+            raise DataError(f"{spec.path}: cannot load from the hub ({where}): {error}") from error
     return apply_column_mapping(dataset.to_list(), list(dataset.column_names), spec)
 
 

@@ -84,6 +84,8 @@ class DatasetSpec:
     path: str  # local file or folder (JSON, JSONL, .gz, Parquet, CSV), a hub id, or a plugin's source
     options: dict[str, Any] = field(default_factory=dict)  # the settings of a plugin's source
     name: str | None = None  # hub configuration name
+    data_dir: str | None = None  # a hub dataset's subfolder (Anthropic/hh-rlhf's `harmless-base`)
+    revision: str | None = None  # a hub dataset's branch, tag or commit: pins what a run reads
     split: str = "train"
     format: str | None = None  # alpaca, messages, prompt_completion, sharegpt, ... (detected when absent)
     columns: dict[str, str] = field(default_factory=dict)  # canonical field -> column in this dataset
@@ -99,13 +101,18 @@ class DatasetSpec:
             raise RecipeError("weight", f"must be positive, got {self.weight}")
         if self.held_out_templates < 0:
             raise RecipeError("held_out_templates", "must be zero or positive")
+        from alignment.data.loading import is_local  # here, not at the top: loading imports this module
+
+        for key in ("data_dir", "revision"):
+            if getattr(self, key) is not None and (data_source(self.path) is not None or is_local(self.path)):
+                raise RecipeError(key, f"only a hub dataset has one; {self.path} is a local file or a plugin's source")
 
     @property
     def shuffle_key(self) -> str:
         """Seeds this dataset's shuffle: the file name, not its folder, so a split is the same on every machine."""
         if data_source(self.path) is not None:  # a plugin's source: its name
             return self.path
-        return ":".join(part for part in (PurePosixPath(self.path).name, self.name, self.split) if part)
+        return ":".join(part for part in (PurePosixPath(self.path).name, self.name, self.data_dir, self.split) if part)
 
 
 @dataclass
