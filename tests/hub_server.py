@@ -1,13 +1,14 @@
-"""A local server speaking the Hugging Face Hub's upload protocol, for testing `--push-to-hub` without network.
+"""A local server speaking the Hugging Face Hub's protocol, for testing the hub paths without network.
 
 The hub itself cannot run here (no network but the package registries), so this stands in for it at the wire:
-the real `huggingface_hub` client talks to it over HTTP exactly as it talks to huggingface.co, through the
-endpoints an upload uses (who-am-I, create repo, validate a model card's metadata, preupload, commit). It
-answers "regular" to every preupload, so each file's bytes arrive base64-encoded inside the commit, and it
-writes them under `root/<repo id>/`, where a test can compare them with what was exported and load them.
-It serves them back as the hub does (`<repo>/resolve/<revision>/<file>` with the commit and ETag headers,
-folder listings, "EntryNotFound" for a missing file), so `from_pretrained("owner/name")` loads from it.
-It refuses requests without a bearer token, as the hub does.
+the real `huggingface_hub` client, and transformers and datasets through it, talk to it over HTTP exactly as
+to huggingface.co. Uploads (`--push-to-hub`): who-am-I, create repo, validate a model card's metadata,
+preupload (answered "regular" for every file, so its bytes arrive base64-encoded inside the commit) and
+commit, written under `root/<repo id>/` (datasets under `root/datasets/`). Downloads: the repo's info,
+folder listings and paths-info, and `resolve/<revision>/<file>` with the commit and ETag headers the client
+checks; "EntryNotFound", "RepoNotFound" and "RevisionNotFound" as the hub says them. So a test can push an
+export, compare what arrived, and load a model or a dataset by its hub id. Requests without a bearer token
+are refused, as the hub refuses them.
 """
 
 from __future__ import annotations
