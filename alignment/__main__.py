@@ -11,9 +11,9 @@ def main() -> None:
     from alignment.allocator import restart_with_caching_allocator
 
     restart_with_caching_allocator()
-    from alignment.models.precision import hush_hub_kernel_notice
+    from alignment.notices import quiet_known_notices
 
-    hush_hub_kernel_notice()  # before anything imports bitsandbytes
+    quiet_known_notices()  # before anything imports bitsandbytes
     from alignment.cli import main as cli_main
 
     sys.exit(cli_main())

@@ -8,7 +8,7 @@ if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
   "$PYTHON" -m pip install -q "torch==2.13.0"
 fi
 "$PYTHON" -m pip install -q -e ".[dev]"
-"$PYTHON" -c 'from alignment.models.precision import hush_hub_kernel_notice; hush_hub_kernel_notice()
+"$PYTHON" -c 'from alignment.notices import quiet_known_notices; quiet_known_notices()
 import alignment, torch, trl, peft, bitsandbytes, datasets, wandb
 print(f"alignment {alignment.__version__} with torch {torch.__version__}, trl {trl.__version__}, peft {peft.__version__}")'
 "$PYTHON" -c 'import sys

@@ -124,17 +124,21 @@ def test_float32_compute_keeps_the_embeddings_in_float32(tmp_path):
     assert model.get_input_embeddings().weight.dtype == model.get_output_embeddings().weight.dtype == torch.float32
 
 
-def test_the_command_drops_bitsandbytes_hub_kernel_notice_and_nothing_else():
-    """On AVX512-BF16 CPUs bitsandbytes logs a "Failed to load" warning for an optional hub kernel at import;
-    the command filters that line only. Run in a fresh interpreter, with the command's own entry point."""
+def test_the_command_drops_known_library_notices_and_nothing_else():
+    """bitsandbytes' "Failed to load" warning for an optional hub kernel (AVX512-BF16 CPUs) and peft's
+    deprecation warning are dropped; other messages of the same logger and category still show. In a fresh
+    interpreter, with the filters the command installs."""
     code = (
-        "import logging, sys\n"
-        "from alignment.models.precision import HUB_KERNEL_LOGGER, hush_hub_kernel_notice\n"
-        "hush_hub_kernel_notice()\n"
+        "import logging, warnings\n"
+        "from alignment.notices import HUB_KERNEL_LOGGER, quiet_known_notices\n"
+        "quiet_known_notices()\n"
         "logger = logging.getLogger(HUB_KERNEL_LOGGER)\n"
         "logger.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please pip install', 'x')\n"
         "logger.warning('some other bitsandbytes warning')\n"
+        "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
+        "warnings.warn('some other future change', FutureWarning)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "kernels-community" not in result.stderr and "some other bitsandbytes warning" in result.stderr
+    assert "is_gradient_checkpointing" not in result.stderr and "some other future change" in result.stderr

@@ -10,7 +10,6 @@ instructions, float32 everywhere else; a recipe that names a dtype gets that dty
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +29,6 @@ def cpu_runs_bfloat16_natively() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
     flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
     return any(flag in flags for flag in CPU_BFLOAT16_FLAGS)
-
-
-# bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch a bfloat16 4-bit matrix-vector kernel
-# from the hub's kernels-community and, without the optional `kernels` package, logs this as a warning
-# that reads like a failure; its built-in kernel then runs, as on every other CPU.
-HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
-HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-
-def hush_hub_kernel_notice() -> None:
-    """Drops that one line from the command's output (`alignment env` says which kernel runs); any other
-    bitsandbytes message still shows."""
-    logging.getLogger(HUB_KERNEL_LOGGER).addFilter(lambda record: not record.getMessage().startswith(HUB_KERNEL_NOTICE))
 
 
 def cpu_4bit_kernel() -> str:
