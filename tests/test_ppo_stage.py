@@ -682,6 +682,30 @@ def test_accelerate_launch_runs_the_pipeline_on_two_processes(tmp_path):
     assert (run_dir / "ppo" / "adapter_model.safetensors").exists()
 
 
+def test_two_processes_estimate_one_set_of_reward_statistics_from_their_shares(trained, tmp_path):
+    """Under `accelerate launch` each process answers half of `reward_stats_prompts` and all of them get
+    every score: the statistics count all 10 answers (5 each, gathered), so every process normalises alike."""
+    _, prepared = trained
+    reward_model = tmp_path / "reward-model"
+    assert cli.main(["export", str(prepared / "reward"), str(reward_model), "--dtype", "float32"]) == 0
+    (reward_model / "reward_stats.json").unlink()  # a reward model that ships no statistics
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared / "sft", run_dir / "sft")
+    raw = pipeline(run_dir, {"num_iterations": 1, "reward_stats_prompts": 10}, value_from="policy")
+    raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
+    del raw["stages"][1]["reward_from"]
+    raw["stages"][1]["reward_model"] = {"name_or_path": str(reward_model), "dtype": "float32"}
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp.yaml"]
+    command += ["--num_processes", "2", "-m", "alignment", "run", str(recipe_path), "--stages", "ppo", "--no-report"]
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=environment)
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]
+    metrics = json.loads((run_dir / "ppo" / "metrics.json").read_text())
+    assert metrics["reward_model_stats/count"] == 10 and metrics["reward_model_stats/std"] > 0
+
+
 @pytest.mark.slow
 def test_shipped_toy_ppo_checker_recipe_gains_ten_points_over_early_sft(tmp_path):
     """recipes/toy/ppo-checker.yaml as users run it: PPO against the exact checker from the

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from alignment.data.build import EVAL, TRAIN, build_stage_data
+from alignment.distributed import process_state
 from alignment.evaluation.generation import SAMPLE_COLUMNS, generate_responses, score_answers
 from alignment.io import read_json, write_json, write_jsonl
 from alignment.models.batching import IGNORE_INDEX, pad_with_labels
@@ -205,24 +207,28 @@ def initial_policy_reward_stats(
 ) -> dict[str, float]:
     """The mean and standard deviation of a reward model's scores of the answers the initial (SFT) policy
     samples, as in training, to `reward_stats_prompts` training prompts: Ziegler et al. (2019) normalised
-    their reward model so, to make one `kl_coef` mean the same for any reward model. The prompts and the
-    sampling are seeded, and the policy adapter is the SFT one whenever the roles are built, so a resumed
+    their reward model so, to make one `kl_coef` mean the same for any reward model. Each process answers
+    its share of the prompts and every process gets all the scores, so all normalise alike. The prompts and
+    the sampling are seeded, and the policy adapter is the SFT one whenever the roles are built, so a resumed
     run estimates the same statistics; the global random state is left as it was."""
+    state = process_state()
     count = min(config.reward_stats_prompts, len(prompts))
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    rows = [prompts[index]["prompt"] for index in order]
+    rows = [prompts[index]["prompt"] for index in order[state.process_index :: state.num_processes]]
     device = next(model.parameters()).device
     model.eval()  # no dropout, as in every pass of training
     scores: list[float] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), active_adapter(model, POLICY):
-        torch.manual_seed(seed)
-        for start in range(0, count, config.rollout_batch_size):
+        torch.manual_seed(seed + state.process_index)
+        for start in range(0, len(rows), config.rollout_batch_size):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 sampled = sample(
                     model, tokenizer, rows[start : start + config.rollout_batch_size],
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                 )  # fmt: skip
                 scores += source(sampled).float().tolist()
+    if state.num_processes > 1:
+        scores = gather_object(scores)
     stats = reward_statistics(scores)
     if stats["std"] <= 0:
         raise RecipeError(
