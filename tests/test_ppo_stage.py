@@ -967,10 +967,10 @@ def test_release_memory_step_hands_freed_memory_back_after_every_optimiser_step(
 
 @pytest.mark.parametrize("content", ['{"mean": 0.1}', '{"mean": 0.1, "std": 0}', "not json"])
 def test_malformed_shipped_reward_statistics_are_refused_naming_the_file_and_the_fix(tmp_path, content):
-    from alignment.stages.ppo import RewardModelConfig, reward_model_stats
+    from alignment.stages.ppo import RewardModelConfig, shipped_reward_stats
 
     (tmp_path / "reward_stats.json").write_text(content)
     with pytest.raises(RecipeError, match="reward_model.name_or_path: .*reward_stats.json is not reward statistics"):
-        reward_model_stats(RewardModelConfig(name_or_path=str(tmp_path)))
+        shipped_reward_stats(RewardModelConfig(name_or_path=str(tmp_path)))
     (tmp_path / "reward_stats.json").write_text('{"mean": 0.1, "std": 2.0, "count": 8}')
-    assert reward_model_stats(RewardModelConfig(name_or_path=str(tmp_path)))["std"] == 2.0
+    assert shipped_reward_stats(RewardModelConfig(name_or_path=str(tmp_path)))["std"] == 2.0

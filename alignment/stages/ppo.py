@@ -145,7 +145,7 @@ def load_reward_model(config: RewardModelConfig) -> tuple[Any, Any]:
     return model.eval().requires_grad_(False), tokenizer
 
 
-def reward_model_stats(config: RewardModelConfig) -> dict[str, float] | None:
+def shipped_reward_stats(config: RewardModelConfig) -> dict[str, float] | None:
     """The reward statistics a separate reward model ships beside its weights (`reward_stats.json`, as
     `alignment export` writes for a reward stage), from its folder or hub repo; None for any other model.
     transformers' own file lookup, so a local folder, the hub and its cache are found the same way."""
@@ -319,7 +319,7 @@ class PPOStage(Stage):
             source_stats.append(reward_stats)
         if spec.reward_model:
             source = separate_model_reward(*load_reward_model(spec.reward_model), policy_tokenizer=tokenizer)
-            stats = reward_model_stats(spec.reward_model)
+            stats = shipped_reward_stats(spec.reward_model)
             if stats is None and config.normalize_reward and config.reward_stats_prompts > 0:
                 seed = config.seed if config.seed is not None else self.seed
                 stats = initial_policy_reward_stats(
