@@ -118,6 +118,17 @@ def trained(tmp_path_factory):
     return recipe, output_dir
 
 
+def reward_model_pipeline(prepared: Path, run_dir: Path, reward_model: dict, ppo_args: dict) -> dict:
+    """The module's SFT stage copied into `run_dir` and a PPO stage rewarded by a separate `reward_model`
+    (no reward stage; the value role starts from the policy)."""
+    shutil.copytree(prepared / "sft", run_dir / "sft")
+    raw = pipeline(run_dir, ppo_args, value_from="policy")
+    raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
+    del raw["stages"][1]["reward_from"]
+    raw["stages"][1]["reward_model"] = {"dtype": "float32"} | reward_model
+    return raw
+
+
 def roles_of(recipe):
     """The PPO stage of `recipe`, its tokenizer and prompt data, and its four roles on a fresh base."""
     stage = make_stage(recipe, recipe.stage("ppo"))
@@ -433,11 +444,8 @@ def test_a_pushed_reward_model_brings_its_statistics_and_ppo_normalises_with_the
         )
         stats = json.loads((exported / "reward_stats.json").read_text())
         run_dir = tmp_path / "run"
-        shutil.copytree(prepared / "sft", run_dir / "sft")
-        raw = pipeline(run_dir, {"num_iterations": 1, "missing_eos_penalty": None}, value_from="policy")
-        raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
-        del raw["stages"][1]["reward_from"]
-        raw["stages"][1]["reward_model"] = {"name_or_path": "me/toy-rm", "dtype": "float32"}
+        args = {"num_iterations": 1, "missing_eos_penalty": None}
+        raw = reward_model_pipeline(prepared, run_dir, {"name_or_path": "me/toy-rm"}, args)
         metrics = run_recipe(validate_recipe(raw), only=["ppo"])["ppo"]
     assert {"model.safetensors", "reward_stats.json"} <= set(hub.downloads)  # loaded from the hub, stats too
     assert {key: metrics[f"reward_model_stats/{key}"] for key in stats} == stats
@@ -491,14 +499,10 @@ def test_a_separate_reward_model_on_another_base_scores_with_its_own_tokenizer(t
     AutoModelForSequenceClassification.from_pretrained(STORIES, num_labels=1).save_pretrained(reward_model_dir)
     AutoTokenizer.from_pretrained(STORIES).save_pretrained(reward_model_dir)
     run_dir = tmp_path / "run"
-    shutil.copytree(prepared / "sft", run_dir / "sft")
-    raw = pipeline(run_dir, {"num_iterations": 1, "missing_eos_penalty": None})
-    raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
-    ppo = raw["stages"][1]
-    del ppo["reward_from"]
     quantization = {"mode": "4bit", "compute_dtype": "float32"}
-    ppo |= {"value_from": "policy", "reward_model": {"name_or_path": str(reward_model_dir), "dtype": "float32"}}
-    ppo["reward_model"] |= {"quantization": quantization, "chat_template": "alpaca"}
+    reward_model = {"name_or_path": str(reward_model_dir), "quantization": quantization, "chat_template": "alpaca"}
+    raw = reward_model_pipeline(prepared, run_dir, reward_model, {"num_iterations": 1, "missing_eos_penalty": None})
+    ppo = raw["stages"][1]
     ppo["evaluation"]["max_new_tokens"] = 4  # short answers (count_a's "2") end, long ones (sort's) are cut
     metrics = run_recipe(validate_recipe(raw), only=["ppo"])["ppo"]
     manifest = json.loads((run_dir / "ppo" / "manifest.json").read_text())
@@ -690,11 +694,9 @@ def test_two_processes_estimate_one_set_of_reward_statistics_from_their_shares(t
     assert cli.main(["export", str(prepared / "reward"), str(reward_model), "--dtype", "float32"]) == 0
     (reward_model / "reward_stats.json").unlink()  # a reward model that ships no statistics
     run_dir = tmp_path / "run"
-    shutil.copytree(prepared / "sft", run_dir / "sft")
-    raw = pipeline(run_dir, {"num_iterations": 1, "reward_stats_prompts": 10}, value_from="policy")
-    raw["stages"] = [stage for stage in raw["stages"] if stage["name"] != "reward"]
-    del raw["stages"][1]["reward_from"]
-    raw["stages"][1]["reward_model"] = {"name_or_path": str(reward_model), "dtype": "float32"}
+    raw = reward_model_pipeline(
+        prepared, run_dir, {"name_or_path": str(reward_model)}, {"num_iterations": 1, "reward_stats_prompts": 10}
+    )
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp.yaml"]
