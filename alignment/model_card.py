@@ -14,6 +14,7 @@ from huggingface_hub import ModelCardData
 from alignment.compare import KEY_METRICS, metric_cell
 from alignment.data.loading import is_local
 from alignment.io import read_json
+from alignment.models.heads import read_reward_stats
 from alignment.names import METRICS, RESOLVED_RECIPE, REWARD_STATS_FILE
 from alignment.plugins import data_source, model_folder
 from alignment.stages.base import read_manifest
@@ -107,7 +108,8 @@ def model_card(stage_dir: Path, kind: str, dtype: str, where: str) -> str:
         )
     lines += ["", f"Data: {', '.join(f'`{path}`' for path in datasets) or 'none recorded'}.", "", "## Use", ""]
     lines.append((_LOAD_POLICY if kind == "policy" else _LOAD_REWARD).format(where=where))
-    if kind == "reward" and (stats := _reward_stats(stage_dir)):
+    if kind == "reward" and (stage_dir / REWARD_STATS_FILE).exists():
+        stats = read_reward_stats(stage_dir)
         lines += [
             "",
             f"Its rewards over the training prompts had mean {stats['mean']:.4g} and standard deviation "
@@ -133,8 +135,3 @@ def _metric_names(chain: list[tuple[str, Path, dict[str, Any]]]) -> list[str]:
         if (folder / METRICS).exists():
             present |= set(read_json(folder / METRICS))
     return [metric for metric in KEY_METRICS if metric in present]
-
-
-def _reward_stats(stage_dir: Path) -> dict[str, float] | None:
-    path = stage_dir / REWARD_STATS_FILE
-    return read_json(path) if path.exists() else None
